@@ -1,0 +1,76 @@
+"""PruneCLI: the LightningCLI behind ``train.py``; after fit it tests the pruned network and exports it."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_prune.budget_callback import BudgetCallback
+from lightning_prune.export import make_permanent, save_pruned
+from lightning_prune.pruned_classifier import PrunedClassifier
+from lightning_prune.reparametrize import pruned_layers
+
+
+class PruneCLI(LightningCLI):
+    """``LightningCLI`` for :class:`PrunedClassifier` and any ``LightningDataModule``.
+
+    After ``fit`` it runs ``test`` on the final (hard-pruned) network unless ``--test_after_fit false``, and writes
+    into the run's log directory ``pruned_backbone.pt`` (compact, see :func:`lightning_prune.save_pruned`) and
+    ``backbone_state_dict.pt`` (a plain ``state_dict`` that loads strictly into the backbone class).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("model_class", PrunedClassifier)
+        kwargs.setdefault("datamodule_class", pl.LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(**kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="Run test on the pruned network.")
+
+    def after_fit(self) -> None:
+        trainer, model = self.trainer, self.model
+        if self.config_init[self.subcommand].get("test_after_fit", True) and _has_test_data(self.datamodule):
+            trainer.test(model, datamodule=self.datamodule, ckpt_path=None, verbose=True)
+        if not trainer.is_global_zero or not pruned_layers(model):
+            return
+        if not all(bool(layer.mask.hard) for layer in pruned_layers(model)):
+            return
+        import torch
+
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        backbone = make_permanent(model.backbone if hasattr(model, "backbone") else model, inplace=False)
+        compact = os.path.join(log_dir, "pruned_backbone.pt")
+        plain = os.path.join(log_dir, "backbone_state_dict.pt")
+        save_pruned(backbone, compact)
+        torch.save(backbone.state_dict(), plain)
+        budget = next((cb for cb in trainer.callbacks if isinstance(cb, BudgetCallback)), None)
+        lines = ["", "lightning_prune summary"]
+        if budget is not None and budget.report:
+            r = budget.report
+            lines.append(f"  kept weights        {r['kept']}/{r['total']} = {r['kept_share']:.4%} "
+                         f"(asked: {1 - budget.sparsity:.4%})")
+            lines.append(f"  kept share before   soft {r['kept_soft_before']:.4%}, hard {r['kept_hard_before']:.4%}")
+            if r.get("acc_soft") is not None:
+                lines.append(f"  val accuracy        soft {r['acc_soft']:.4f} -> hard {r['acc_hard']:.4f}")
+        test_acc = trainer.callback_metrics.get("test/acc")
+        if test_acc is not None:
+            lines.append(f"  test accuracy       {float(test_acc):.4f}")
+        lines.append(f"  logs & checkpoints  {log_dir}")
+        lines.append(f"  pruned model        {compact} ({os.path.getsize(compact) / 1e3:.1f} kB compact), "
+                     f"{plain} ({os.path.getsize(plain) / 1e3:.1f} kB dense)")
+        rank_zero_info("\n".join(lines))
+
+
+def _has_test_data(datamodule) -> bool:
+    return datamodule is not None and type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+
+
+def main(args=None) -> PruneCLI:
+    """Entry point of ``train.py``."""
+    return PruneCLI(args=args, save_config_kwargs={"overwrite": True})

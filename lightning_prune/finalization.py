@@ -1,0 +1,132 @@
+"""Finalisation with no fine-tuning: hard masks that meet the budget exactly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.budget import BUDGET_MODES
+from lightning_prune.reparametrize import PrunedLayer, pruned_layers
+
+
+@dataclass
+class FinalizeResult:
+    """What :func:`finalize` kept: totals and ``{layer: (kept, numel)}``."""
+
+    kept: int
+    total: int
+    per_layer: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept / self.total
+
+
+def budget_count(total: int, sparsity: float) -> int:
+    """Number of weights kept at ``sparsity``: ``round((1 − sparsity)·total)`` (Python's round, half to even)."""
+    check_sparsity(sparsity)
+    return int(round((1.0 - sparsity) * total))
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise ValueError(
+            f"sparsity is the share of weights removed and must be in [0, 1), got {sparsity!r}. "
+            "For example sparsity=0.9 keeps 10% of the weights."
+        )
+
+
+def layer_floor(numel: int, min_layer_keep: float) -> int:
+    """Weights a layer keeps at least: ``ceil(min_layer_keep·numel)``, and at least one when the floor is > 0."""
+    if min_layer_keep <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(min_layer_keep * numel)))
+
+
+@torch.no_grad()
+def finalize(
+    model: nn.Module | list[PrunedLayer], sparsity: float, min_layer_keep: float = 0.0, mode: str = "global"
+) -> FinalizeResult:
+    """Replace the soft masks by hard ones that keep exactly ``round((1 − sparsity)·N)`` weights.
+
+    ``mode="global"`` keeps the weights with the largest ``|θ|/s`` over all layers; ``mode="layer"`` gives each layer
+    its own share of the budget (largest remainders, so the total is still exact). Each layer keeps at least
+    ``layer_floor(numel, min_layer_keep)`` weights. Ties are broken by position (earlier layer, then lower index),
+    so the result is deterministic on every device and rank.
+
+    Raises:
+        ValueError: for a sparsity outside [0, 1), or floors that need more weights than the budget allows.
+
+    Example:
+        >>> import torch
+        >>> from lightning_prune import reparametrize
+        >>> model = torch.nn.Sequential(torch.nn.Linear(10, 10))
+        >>> _ = reparametrize(model)
+        >>> finalize(model, sparsity=0.9).kept
+        10
+    """
+    if mode not in BUDGET_MODES:
+        raise ValueError(f"mode must be one of {BUDGET_MODES}, got {mode!r}.")
+    if not 0.0 <= min_layer_keep <= 1.0:
+        raise ValueError(f"min_layer_keep is a share of each layer in [0, 1], got {min_layer_keep}.")
+    layers = model if isinstance(model, list) else pruned_layers(model)
+    if not layers:
+        raise ValueError("No reparametrized layer to finalise: call lightning_prune.reparametrize(model) first.")
+    sizes = [layer.numel for layer in layers]
+    total = sum(sizes)
+    budget = budget_count(total, sparsity)
+    floors = [layer_floor(n, min_layer_keep) for n in sizes]
+    if sum(floors) > budget:
+        raise ValueError(
+            f"min_layer_keep={min_layer_keep} needs {sum(floors)} weights but the budget keeps {budget}: "
+            "lower min_layer_keep or the sparsity."
+        )
+    scores = [layer.mask.score(layer.latent).flatten().double().cpu() for layer in layers]
+    if mode == "layer":
+        quotas = _apportion(sizes, budget)
+        masks = [_top(s, max(q, f)) for s, q, f in zip(scores, quotas, floors)]
+        excess = sum(int(m.sum()) for m in masks) - budget
+        if excess:  # a floor above a layer's quota: take the excess from the others' weakest weights
+            masks = _global_fill(scores, [_top(s, f) for s, f in zip(scores, floors)], budget, allowed=masks)
+    else:
+        masks = _global_fill(scores, [_top(s, f) for s, f in zip(scores, floors)], budget)
+    per_layer = {}
+    for layer, mask in zip(layers, masks):
+        layer.mask.harden(mask.view(layer.latent.shape).to(layer.latent.device))
+        per_layer[layer.name] = (int(mask.sum()), layer.numel)
+    return FinalizeResult(kept=sum(k for k, _ in per_layer.values()), total=total, per_layer=per_layer)
+
+
+def _top(score: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries, ties to the lower index."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(score, descending=True, stable=True).indices
+        mask[order[:k]] = True
+    return mask
+
+
+def _global_fill(scores: list[Tensor], reserved: list[Tensor], budget: int, allowed: list[Tensor] | None = None):
+    """Keep the reserved weights, then fill up to ``budget`` with the best remaining scores over all layers."""
+    flat = torch.cat(scores)
+    chosen = torch.cat(reserved)
+    candidates = ~chosen if allowed is None else (~chosen & torch.cat(allowed))
+    remaining = budget - int(chosen.sum())
+    ranked = torch.where(candidates, flat, torch.full_like(flat, -math.inf))
+    order = torch.sort(ranked, descending=True, stable=True).indices[:remaining]
+    chosen[order] = True
+    return list(torch.split(chosen, [s.numel() for s in scores]))
+
+
+def _apportion(sizes: list[int], budget: int) -> list[int]:
+    """Split ``budget`` over layers in proportion to their sizes, largest remainders first (exact total)."""
+    total = sum(sizes)
+    exact = [budget * n / total for n in sizes]
+    quotas = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - quotas[i]), i))
+    for i in by_remainder[: budget - sum(quotas)]:
+        quotas[i] += 1
+    return quotas

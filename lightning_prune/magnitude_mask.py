@@ -1,0 +1,134 @@
+"""The reparametrization: a weight is used through a smooth function of itself, w = θ ⊙ σ((|θ|/s − c)/T)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """w = θ·h(θ) with h = σ((|θ|/s − c)/T); the backward pass bounds dh/dθ by evaluating it at max(T, T_grad).
+
+    Saving only θ (and recomputing h in backward) keeps the memory cost of the reparametrization at one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
+        ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+        return theta * _sigmoid_gate(theta, scale, threshold, temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
+        gate = _sigmoid_gate(theta, scale, threshold, temperature)
+        t_b = torch.maximum(temperature, grad_temperature)
+        gate_b = _sigmoid_gate(theta, scale, threshold, t_b)
+        # d(θ·h)/dθ = h + θ·h'(θ) = h + (|θ|/s)·h_b(1 − h_b)/T_b
+        local = gate + (theta.abs() / scale) * gate_b * (1 - gate_b) / t_b
+        return grad_out * local, None, None, None, None
+
+
+class _SoftGate(torch.autograd.Function):
+    """h(θ) = σ((|θ|/s − c)/T) with the same bounded surrogate gradient as :class:`_MaskedWeight`."""
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
+        ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+        return _sigmoid_gate(theta, scale, threshold, temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
+        t_b = torch.maximum(temperature, grad_temperature)
+        gate_b = _sigmoid_gate(theta, scale, threshold, t_b)
+        return grad_out * gate_b * (1 - gate_b) * torch.sign(theta) / (scale * t_b), None, None, None, None
+
+
+def _sigmoid_gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
+    # the gate is computed in float32 (or wider) whatever the weight's dtype, so a half-precision weight cannot
+    # move a weight across the threshold through rounding
+    wide = theta.float() if theta.dtype in (torch.float16, torch.bfloat16) else theta
+    return torch.sigmoid((wide.abs() / scale - threshold) / temperature).to(theta.dtype)
+
+
+class MagnitudeMask(nn.Module):
+    """Parametrization ``w = θ ⊙ h_T(θ)``, ``h_T(θ) = σ((|θ|/s − c)/T)``: the pruning mask is implied by the weight.
+
+    It adds no trainable parameter: ``s`` (scale), ``c`` (threshold), ``T`` (temperature) and the bounded-gradient
+    temperature are buffers, saved in checkpoints and set by :class:`~lightning_prune.BudgetCallback`. Once
+    :meth:`harden` has been called the layer computes ``θ ⊙ M`` with a fixed binary mask ``M``.
+
+    The gradient ``dw/dθ = h + θ·h'`` peaks near the threshold at about ``(|θ|/s)/(4T)``; the backward pass evaluates
+    ``h'`` at ``max(T, grad_temperature)`` so the amplification stays bounded however small ``T`` gets.
+
+    Register it with :func:`lightning_prune.reparametrize` (or ``torch.nn.utils.parametrize``) rather than by hand.
+
+    Args:
+        shape: shape of the weight it will mask.
+        scale: per-tensor scale ``s`` (``mean|θ|`` at attach time).
+        threshold: normalised threshold ``c``.
+        temperature: temperature ``T`` (> 0).
+        grad_temperature: floor on the temperature used by the backward pass.
+
+    Example:
+        >>> import torch
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> mask = MagnitudeMask(layer.weight.shape, scale=float(layer.weight.abs().mean()))
+        >>> parametrize.register_parametrization(layer, "weight", mask)
+        ParametrizedLinear(...)
+        >>> bool(mask.hard)
+        False
+    """
+
+    def __init__(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        scale: float,
+        threshold: float = 1.0,
+        temperature: float = 0.5,
+        grad_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"MagnitudeMask needs a positive scale, got {scale} (is the weight all zeros?).")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("grad_temperature", torch.tensor(float(grad_temperature)))
+        self.register_buffer("hard", torch.tensor(False))
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+
+    def forward(self, theta: Tensor) -> Tensor:
+        if self.hard:
+            return theta * self.mask.to(theta.dtype)
+        return _MaskedWeight.apply(theta, *self._gate_args())
+
+    def soft_gate(self, theta: Tensor) -> Tensor:
+        """``h_T(θ)`` in [0, 1], differentiable (bounded surrogate gradient); the budget loss sums it."""
+        return _SoftGate.apply(theta, *self._gate_args())
+
+    def score(self, theta: Tensor) -> Tensor:
+        """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation."""
+        return theta.detach().abs() / self.scale
+
+    def hard_gate(self, theta: Tensor) -> Tensor:
+        """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""
+        if self.hard:
+            return self.mask
+        return self.score(theta) > self.threshold
+
+    def harden(self, mask: Tensor) -> None:
+        """Fix the binary mask: from now on the layer computes ``θ ⊙ mask``."""
+        if mask.shape != self.mask.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(self.mask.shape)}.")
+        self.mask.copy_(mask.to(torch.bool))
+        self.hard.fill_(True)
+
+    def _gate_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.scale, self.threshold, self.temperature, self.grad_temperature
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.item():.4g}, threshold={self.threshold.item():.4g}, hard={bool(self.hard)}"

@@ -1,0 +1,103 @@
+"""PrunedClassifier: a LightningModule that trains any backbone for classification, ready for BudgetCallback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_prune.reparametrize import reparametrize_like
+
+
+class PrunedClassifier(pl.LightningModule):
+    """Trains a backbone with cross-entropy; with :class:`~lightning_prune.BudgetCallback` the loss is
+    ``cross-entropy + λ·budget loss`` (the callback adds the budget term's gradient before each optimizer step).
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (top-1, torchmetrics);
+    the callback logs the ``prune/...`` scalars. A checkpoint of a pruned run loads back with ``strict=True``
+    through ``PrunedClassifier.load_from_checkpoint(path, backbone=...)``.
+
+    Args:
+        backbone: any ``nn.Module`` that maps a batch of inputs to ``num_classes`` logits.
+        num_classes: number of classes.
+        optimizer: optimizer factory (LightningCLI: ``class_path`` + ``init_args``); default Adam.
+        lr_scheduler: optional LR scheduler factory, stepped every epoch.
+        label_smoothing: label smoothing of the cross-entropy.
+
+    Example:
+        >>> import torch
+        >>> from lightning_prune.backbones import Conv4
+        >>> model = PrunedClassifier(Conv4(num_classes=10, in_channels=1, input_size=16), num_classes=10)
+        >>> model(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        metric(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).argmax(dim=1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def on_fit_start(self) -> None:
+        from lightning_prune.budget_callback import BudgetCallback
+
+        if not any(isinstance(cb, BudgetCallback) for cb in self.trainer.callbacks):
+            rank_zero_warn("PrunedClassifier is trained without a BudgetCallback: the network stays dense.")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint of a pruned run holds reparametrized weights: attach the masks so that it loads strictly
+        reparametrize_like(self, checkpoint["state_dict"])
