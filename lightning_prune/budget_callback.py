@@ -49,7 +49,10 @@ class BudgetCallback(Callback):
         temperature_start: temperature ``T`` at the start (> 0).
         temperature_end: temperature at the end, in (0, temperature_start].
         temperature_schedule: ``"exponential"``, ``"linear"``, ``"cosine"`` or ``"constant"``.
-        grad_temperature: floor on the temperature used in the backward pass (bounds the gradient near the threshold).
+        grad_temperature: floor on the temperature used in the backward pass of the weights (bounds the gradient
+            near the threshold).
+        budget_grad_temperature: floor on the temperature of the budget loss's surrogate gradient: how far from the
+            threshold (in units of ``|θ|/s``) the budget pressure reaches.
         target_schedule: how the target keep share moves from 1 to the budget: ``"cubic"``, ``"linear"`` or
             ``"constant"`` (the budget from the first step).
         target_start: share of training at which the target starts to move, in [0, 1].
@@ -72,13 +75,14 @@ class BudgetCallback(Callback):
     def __init__(
         self,
         sparsity: float = 0.9,
-        lambda_max: float = 5.0,
+        lambda_max: float = 3.0,
         lambda_schedule: str = "linear",
         lambda_warmup: float = 0.1,
         temperature_start: float = 0.5,
         temperature_end: float = 0.02,
         temperature_schedule: str = "exponential",
         grad_temperature: float = 0.1,
+        budget_grad_temperature: float = 1.0,
         target_schedule: str = "cubic",
         target_start: float = 0.0,
         target_end: float = 0.6,
@@ -107,6 +111,7 @@ class BudgetCallback(Callback):
             "the temperature goes down during training.",
         )
         _check(grad_temperature > 0, f"grad_temperature must be > 0, got {grad_temperature}.")
+        _check(budget_grad_temperature > 0, f"budget_grad_temperature must be > 0, got {budget_grad_temperature}.")
         _check(
             0 <= target_start <= target_end <= 1,
             f"need 0 <= target_start <= target_end <= 1 (shares of training), got {target_start} and {target_end}.",
@@ -124,6 +129,7 @@ class BudgetCallback(Callback):
         self.temperature_end = float(temperature_end)
         self.temperature_schedule = temperature_schedule
         self.grad_temperature = float(grad_temperature)
+        self.budget_grad_temperature = float(budget_grad_temperature)
         self.target_schedule = target_schedule
         self.target_start = float(target_start)
         self.target_end = float(target_end)
@@ -210,7 +216,7 @@ class BudgetCallback(Callback):
         if not any(id(p) in self._latent_ids for group in optimizer.param_groups for p in group["params"]):
             return
         with torch.enable_grad():
-            loss = budget_loss(self._layers, self.target_keep, self.mode)
+            loss = budget_loss(self._layers, self.target_keep, self.mode, self.budget_grad_temperature)
             (self.lam * loss).backward()
         self._last_budget_loss = loss.detach()
 
@@ -298,7 +304,7 @@ class BudgetCallback(Callback):
                 "prune/lambda": self.lam,
                 "prune/temperature": self.temperature,
                 "prune/target_keep": self.target_keep,
-                "prune/budget_loss": float((soft - self.target_keep) ** 2),
+                "prune/budget_loss": float(((soft - self.target_keep) / self.target_keep) ** 2),
                 "prune/kept_soft": float(soft),
                 "prune/kept_hard": kept / total,
             }
@@ -315,6 +321,7 @@ class BudgetCallback(Callback):
 
     @torch.no_grad()
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedules(trainer.global_step)  # the soft network as it stands after the last step
         acc_soft = self._accuracy(trainer, pl_module) if self.report_accuracy else None
         soft, _ = soft_kept_shares(self._layers)
         counts = hard_kept_counts(self._layers)

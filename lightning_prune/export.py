@@ -51,8 +51,20 @@ def make_permanent(model: nn.Module, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for layer in pruned_layers(model):
+        if not inplace:
+            _own_class(layer.module)
         parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
     return model
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a deep-copied parametrized module a class of its own.
+
+    A deep copy shares the ``Parametrized<Class>`` class that torch created for the original, and
+    ``remove_parametrizations`` deletes the weight property from that class, which would break the original.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:

@@ -106,9 +106,16 @@ class MagnitudeMask(nn.Module):
             return theta * self.mask.to(theta.dtype)
         return _MaskedWeight.apply(theta, *self._gate_args())
 
-    def soft_gate(self, theta: Tensor) -> Tensor:
-        """``h_T(θ)`` in [0, 1], differentiable (bounded surrogate gradient); the budget loss sums it."""
-        return _SoftGate.apply(theta, *self._gate_args())
+    def soft_gate(self, theta: Tensor, grad_temperature: float | None = None) -> Tensor:
+        """``h_T(θ)`` in [0, 1], differentiable; the budget loss sums it.
+
+        Its gradient is that of ``σ((|θ|/s − c)/T_b)`` with ``T_b = max(T, grad_temperature)`` (the mask's own
+        ``grad_temperature`` unless given): a wider ``T_b`` lets the budget reach weights far from the threshold.
+        """
+        scale, threshold, temperature, floor = self._gate_args()
+        if grad_temperature is not None:
+            floor = torch.full_like(floor, grad_temperature)
+        return _SoftGate.apply(theta, scale, threshold, temperature, floor)
 
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation."""

@@ -1,0 +1,52 @@
+"""Small models shared by the tests: a Lightning module that knows nothing about pruning, and tiny backbones."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_prune.backbones import Conv4
+
+
+def tiny_conv4(in_channels: int = 1, input_size: int = 8, num_classes: int = 10) -> Conv4:
+    return Conv4(num_classes=num_classes, in_channels=in_channels, input_size=input_size, width=4, hidden=16)
+
+
+class PlainClassifier(pl.LightningModule):
+    """A user's own classifier, written without any knowledge of lightning_prune."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        )
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

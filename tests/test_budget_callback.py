@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, pruned_layers
+from lightning_prune.data import DigitsDataModule
+from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), r"\[0, 1\)"),
+        (dict(sparsity=-0.5), r"\[0, 1\)"),
+        (dict(lambda_max=-1.0), "lambda_max"),
+        (dict(temperature_start=0.1, temperature_end=0.5), "temperature_end"),
+        (dict(temperature_start=0.0), "temperature_start"),
+        (dict(lambda_warmup=1.5), "lambda_warmup"),
+        (dict(target_start=0.8, target_end=0.5), "target_start"),
+        (dict(lambda_schedule="step"), "lambda_schedule"),
+        (dict(temperature_schedule="log"), "temperature_schedule"),
+        (dict(target_schedule="exp"), "target_schedule"),
+        (dict(mode="per_layer"), "mode"),
+        (dict(min_layer_keep=2.0), "min_layer_keep"),
+        (dict(include="features.*"), "list of patterns"),
+        (dict(total_steps=0), "total_steps"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BudgetCallback(**kwargs)
+
+
+def test_plain_module_reaches_exact_budget_and_keeps_learning():
+    """A LightningModule that knows nothing about pruning, trained with only the callback added."""
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    dm = DigitsDataModule(image_size=16, batch_size=64)
+    callback = BudgetCallback(sparsity=0.9)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[callback])
+    trainer.fit(model, dm)
+    layers = pruned_layers(model)
+    assert [layer.name for layer in layers] == ["net.0", "net.3", "net.7", "net.9"]
+    total = sum(layer.numel for layer in layers)
+    assert sum(int(layer.mask.mask.sum()) for layer in layers) == round(0.1 * total)
+    assert all(bool(layer.mask.hard) for layer in layers)
+    # the optimizer was built after reparametrization: it holds the latent tensors
+    opt_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(layer.latent) in opt_params for layer in layers)
+    assert callback.report["acc_hard"] > 0.8  # it learned, and the hard cut did not break it
+
+
+def test_schedules_reach_their_ends_and_training_stays_finite():
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback = BudgetCallback(sparsity=0.8, temperature_start=0.5, temperature_end=1e-3, lambda_max=3.0)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback])
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert callback.temperature == pytest.approx(1e-3)
+    assert callback.target_keep == pytest.approx(0.2)
+    assert callback.lam == pytest.approx(3.0)
+    for layer in pruned_layers(model):
+        assert torch.isfinite(layer.latent).all()
+        assert layer.mask.temperature.item() == pytest.approx(1e-3)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_no_layer_is_emptied_with_the_default_floor():
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback = BudgetCallback(sparsity=0.97, min_layer_keep=0.02)
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    for layer in pruned_layers(model):
+        assert int(layer.mask.mask.sum()) >= math.ceil(0.02 * layer.numel), layer.name
+
+
+def test_floors_above_budget_fail_before_training():
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.99, min_layer_keep=0.5)])
+    with pytest.raises(ValueError, match="min_layer_keep"):
+        trainer.fit(model, DigitsDataModule(image_size=8))
+    assert trainer.global_step == 0
+
+
+def test_pattern_matching_nothing_fails_before_training():
+    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(include=["encoder.*"])])
+    with pytest.raises(ValueError, match="matches no prunable layer"):
+        trainer.fit(PlainClassifier(), DigitsDataModule(image_size=16))
+    assert trainer.global_step == 0
+
+
+class _NaNAfter(PlainClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 3 else loss
+
+
+def test_non_finite_loss_stops_before_the_step_with_a_clear_error():
+    model = _NaNAfter()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5)])
+    with pytest.raises(NonFiniteError, match="step 3"):
+        trainer.fit(model, DigitsDataModule(image_size=16))
+    for layer in pruned_layers(model):
+        assert torch.isfinite(layer.latent).all()
+
+
+def test_state_dict_round_trip_continues_schedules_exactly():
+    a = BudgetCallback(sparsity=0.9)
+    a._total = 100
+    a._apply_schedules(37)
+    b = BudgetCallback(sparsity=0.9)
+    b.load_state_dict(a.state_dict())
+    assert b._total == 100
+    for step in (37, 38, 99, 100):
+        a._apply_schedules(step)
+        b._apply_schedules(step)
+        assert (a.lam, a.temperature, a.target_keep) == (b.lam, b.temperature, b.target_keep)

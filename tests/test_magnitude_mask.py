@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from lightning_prune import MagnitudeMask
+
+
+def _masked_linear(temperature: float, grad_temperature: float = 0.1, threshold: float = 1.0):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    scale = float(layer.weight.detach().abs().mean())
+    mask = MagnitudeMask(layer.weight.shape, scale, threshold, temperature, grad_temperature)
+    parametrize.register_parametrization(layer, "weight", mask)
+    return layer, mask
+
+
+def test_forward_is_theta_times_sigmoid_gate():
+    layer, mask = _masked_linear(temperature=0.3)
+    theta = layer.parametrizations.weight.original
+    expected = theta * torch.sigmoid((theta.abs() / mask.scale - 1.0) / 0.3)
+    torch.testing.assert_close(layer.weight, expected)
+
+
+def test_adds_no_trainable_parameter():
+    layer = torch.nn.Linear(8, 8)
+    before = sorted(p.numel() for p in layer.parameters())
+    parametrize.register_parametrization(layer, "weight", MagnitudeMask(layer.weight.shape, 0.1))
+    assert sorted(p.numel() for p in layer.parameters()) == before
+    assert all(not b.requires_grad for b in layer.buffers())
+
+
+def test_gradient_matches_autograd_when_temperature_above_floor():
+    layer, mask = _masked_linear(temperature=0.5, grad_temperature=0.1)
+    theta = layer.parametrizations.weight.original
+    layer.weight.sum().backward()
+    ref = theta.detach().clone().requires_grad_(True)
+    (ref * torch.sigmoid((ref.abs() / mask.scale - 1.0) / 0.5)).sum().backward()
+    torch.testing.assert_close(theta.grad, ref.grad)
+
+
+def test_gradient_stays_bounded_at_tiny_temperature():
+    layer, mask = _masked_linear(temperature=1e-4, grad_temperature=0.1)
+    theta = layer.parametrizations.weight.original
+    with torch.no_grad():  # put weights right at the threshold, where h' peaks
+        theta.copy_(torch.sign(theta) * mask.scale * 1.0)
+    layer.weight.sum().backward()
+    assert torch.isfinite(theta.grad).all()
+    # |dw/dθ| <= h + (|θ|/s)/(4·T_b) = 1 + 1/(4·0.1)
+    assert theta.grad.abs().max() <= 1.0 + 1.0 / (4 * 0.1) + 1e-5
+
+
+def test_unbounded_gradient_would_blow_up():
+    """Sanity check of the test above: with the floor as small as T the same gradient is huge."""
+    layer, mask = _masked_linear(temperature=1e-4, grad_temperature=1e-4)
+    theta = layer.parametrizations.weight.original
+    with torch.no_grad():
+        theta.copy_(torch.sign(theta) * mask.scale * 1.0)
+    layer.weight.sum().backward()
+    assert theta.grad.abs().max() > 100
+
+
+def test_harden_uses_the_fixed_mask():
+    layer, mask = _masked_linear(temperature=0.5)
+    keep = torch.rand(layer.weight.shape) > 0.5
+    mask.harden(keep)
+    theta = layer.parametrizations.weight.original
+    torch.testing.assert_close(layer.weight, theta * keep)
+    assert torch.equal(mask.hard_gate(theta), keep)
+    with pytest.raises(ValueError, match="shape"):
+        mask.harden(torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_bfloat16_weight_gate_computed_in_float32():
+    mask = MagnitudeMask((4,), scale=1.0, threshold=1.0, temperature=0.01)
+    theta = torch.tensor([1.004, 0.996, 2.0, 0.1], dtype=torch.bfloat16)
+    gate = mask.soft_gate(theta)
+    assert gate.dtype == torch.bfloat16
+    assert bool(mask.hard_gate(theta.float())[2]) and not bool(mask.hard_gate(theta.float())[3])
+
+
+@pytest.mark.parametrize("bad", [dict(scale=0.0), dict(scale=1.0, temperature=0.0)])
+def test_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        MagnitudeMask((2, 2), **bad)

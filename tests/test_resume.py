@@ -1,0 +1,57 @@
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_prune import BudgetCallback, PrunedClassifier, pruned_layers
+from lightning_prune.data import DigitsDataModule
+from plain_modules import quiet_trainer, tiny_conv4
+
+
+class _Crash(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _fit(tmp_path, ckpt_path=None, crash_at=None, seed=0):
+    torch.manual_seed(seed)  # a resumed run starts from other random weights: the checkpoint must overwrite them
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback = BudgetCallback(sparsity=0.8)
+    callbacks = [callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    if crash_at is not None:
+        callbacks.append(_Crash(crash_at))
+    trainer = quiet_trainer(max_epochs=4, callbacks=callbacks, deterministic=True, enable_checkpointing=True)
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128), ckpt_path=ckpt_path)
+    return model, callback
+
+
+def test_resume_between_epochs_gives_the_same_masks(tmp_path):
+    full, full_cb = _fit(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tmp_path / "part", crash_at=23)  # 10 steps per epoch: last.ckpt is the end of epoch 2
+    part = torch.load(tmp_path / "part" / "last.ckpt", weights_only=False)
+    assert part["global_step"] == 20
+    resumed, resumed_cb = _fit(tmp_path / "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"), seed=1)
+    assert resumed_cb.finalized and full_cb.finalized
+    assert (resumed_cb.lam, resumed_cb.temperature, resumed_cb.target_keep) == (
+        full_cb.lam, full_cb.temperature, full_cb.target_keep
+    )
+    for a, b in zip(pruned_layers(full), pruned_layers(resumed)):
+        assert torch.equal(a.mask.mask, b.mask.mask), a.name
+        torch.testing.assert_close(a.latent, b.latent)
+
+
+def test_final_checkpoint_is_hard_pruned_and_loads_strictly(tmp_path):
+    model, callback = _fit(tmp_path)
+    loaded = PrunedClassifier.load_from_checkpoint(
+        tmp_path / "last.ckpt", backbone=tiny_conv4(input_size=8), strict=True
+    )
+    layers = pruned_layers(loaded)
+    assert all(bool(layer.mask.hard) for layer in layers)
+    total = sum(layer.numel for layer in layers)
+    assert sum(int(layer.mask.mask.sum()) for layer in layers) == round(0.2 * total)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
