@@ -1,0 +1,131 @@
+"""The six paper-experiment configs: they parse, and build their trainer, model and datamodule (no download)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_prune import BudgetCallback, PrunedClassifier
+from lightning_prune.cli import PruneCLI
+from lightning_prune.data import CIFAR10DataModule, TinyImageNetDataModule
+
+try:
+    from dataset_fixtures import write_cifar10
+except ImportError:  # tests/ imported as a package
+    from tests.dataset_fixtures import write_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = {
+    "cifar10_conv4": (CIFAR10DataModule, "Conv4"),
+    "cifar10_vgg19": (CIFAR10DataModule, "VGG19"),
+    "cifar10_resnet18": (CIFAR10DataModule, "ResNet18"),
+    "tinyimagenet_conv4": (TinyImageNetDataModule, "Conv4"),
+    "tinyimagenet_vgg19": (TinyImageNetDataModule, "VGG19"),
+    "tinyimagenet_resnet18": (TinyImageNetDataModule, "ResNet18"),
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_argv(monkeypatch):
+    """LightningCLI warns when both `args` and pytest's own command line are present."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+def config(name: str) -> str:
+    return str(REPO / "configs" / f"{name}.yaml")
+
+
+def test_one_config_per_experiment():
+    found = {p.stem for pattern in ("cifar10_*.yaml", "tinyimagenet_*.yaml") for p in (REPO / "configs").glob(pattern)}
+    assert found == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_config_builds_model_and_datamodule(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the logger's save_dir is relative
+    data_dir = tmp_path / "data"
+    cli = PruneCLI(args=["--config", config(name), "--data.init_args.data_dir", str(data_dir)], run=False)
+    dm_class, backbone = EXPERIMENTS[name]
+    dm, model, trainer = cli.datamodule, cli.model, cli.trainer
+    assert not data_dir.exists()  # building the datamodule downloads nothing
+
+    assert type(dm) is dm_class and dm.data_dir == str(data_dir) and dm.download
+    assert isinstance(model, PrunedClassifier) and type(model.backbone).__name__ == backbone
+    assert model.hparams.num_classes == dm.num_classes
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, *dm.image_shape)).shape == (1, dm.num_classes)
+
+    optimizer = model.optimizer_factory(model.parameters())
+    scheduler = model.lr_scheduler_factory(optimizer)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert scheduler.T_max == trainer.max_epochs >= 100
+
+    budget = [cb for cb in trainer.callbacks if isinstance(cb, BudgetCallback)]
+    assert len(budget) == 1 and budget[0].sparsity == 0.9
+    checkpoint = trainer.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor == "val/acc" and checkpoint.mode == "max"
+    assert checkpoint.save_last
+    assert isinstance(trainer.logger, TensorBoardLogger) and trainer.logger.name == name
+    assert trainer.precision == "32-true"
+
+
+def test_sparsity_override_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", config("cifar10_resnet18"), "--trainer.callbacks.init_args.sparsity", "0.95"]
+    trainer = PruneCLI(args=args, run=False).trainer
+    assert [cb.sparsity for cb in trainer.callbacks if isinstance(cb, BudgetCallback)] == [0.95]
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_print_config(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        PruneCLI(args=["fit", "--config", config(name), "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"name: {name}" in printed and "class_path: lightning_prune.BudgetCallback" in printed
+
+
+def test_train_py_print_config(tmp_path):
+    """The documented command, as a user types it (one config: a fresh interpreter takes seconds)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", config("tinyimagenet_resnet18"), "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "class_path: lightning_prune.data.TinyImageNetDataModule" in result.stdout
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+
+
+def test_fit_through_the_cli_on_fake_data(tmp_path, monkeypatch):
+    """`train.py fit --config configs/cifar10_conv4.yaml` end to end (tiny widths, a few steps, fake CIFAR10)."""
+    monkeypatch.chdir(tmp_path)
+    write_cifar10(tmp_path / "data", rows_per_batch=20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run far faster on one thread of a shared CPU
+    try:
+        cli = PruneCLI(
+            args=[
+                "fit", "--config", config("cifar10_conv4"),
+                "--data.init_args.verify_checksums", "false", "--data.init_args.num_workers", "0",
+                "--data.init_args.val_size", "20", "--data.init_args.batch_size", "16",
+                "--model.init_args.backbone.init_args.width", "4", "--model.init_args.backbone.init_args.hidden", "8",
+                "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                "--trainer.enable_progress_bar", "false",
+            ],
+        )
+    finally:
+        torch.set_num_threads(threads)
+    log_dir = Path(cli.trainer.log_dir).resolve()
+    assert log_dir.is_relative_to(tmp_path.resolve() / "logs" / "cifar10_conv4")
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (log_dir / "pruned_backbone.pt").is_file()
+    assert "test/acc" in cli.trainer.callback_metrics
