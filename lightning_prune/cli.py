@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -36,13 +37,18 @@ class PruneCLI(LightningCLI):
         trainer, model = self.trainer, self.model
         if self.config_init[self.subcommand].get("test_after_fit", True) and _has_test_data(self.datamodule):
             trainer.test(model, datamodule=self.datamodule, ckpt_path=None, verbose=True)
-        if not trainer.is_global_zero or not pruned_layers(model):
+        if not trainer.is_global_zero:
             return
-        if not all(bool(layer.mask.hard) for layer in pruned_layers(model)):
-            return
-        import torch
-
         log_dir = trainer.log_dir or trainer.default_root_dir
+        test_acc = trainer.callback_metrics.get("test/acc")
+        layers = pruned_layers(model)
+        if not layers or not all(bool(layer.mask.hard) for layer in layers):
+            summary = ["", "lightning_prune summary (dense: no finalised BudgetCallback in this run)"]
+            if test_acc is not None:
+                summary.append(f"  test accuracy       {float(test_acc):.4f}")
+            summary.append(f"  logs & checkpoints  {log_dir}")
+            rank_zero_info("\n".join(summary))
+            return
         os.makedirs(log_dir, exist_ok=True)
         backbone = make_permanent(model.backbone if hasattr(model, "backbone") else model, inplace=False)
         compact = os.path.join(log_dir, "pruned_backbone.pt")
@@ -58,7 +64,6 @@ class PruneCLI(LightningCLI):
             lines.append(f"  kept share before   soft {r['kept_soft_before']:.4%}, hard {r['kept_hard_before']:.4%}")
             if r.get("acc_soft") is not None:
                 lines.append(f"  val accuracy        soft {r['acc_soft']:.4f} -> hard {r['acc_hard']:.4f}")
-        test_acc = trainer.callback_metrics.get("test/acc")
         if test_acc is not None:
             lines.append(f"  test accuracy       {float(test_acc):.4f}")
         lines.append(f"  logs & checkpoints  {log_dir}")

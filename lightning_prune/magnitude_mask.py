@@ -74,7 +74,7 @@ class MagnitudeMask(nn.Module):
         >>> import torch
         >>> from torch.nn.utils import parametrize
         >>> layer = torch.nn.Linear(4, 2)
-        >>> mask = MagnitudeMask(layer.weight.shape, scale=float(layer.weight.abs().mean()))
+        >>> mask = MagnitudeMask(layer.weight.shape, scale=float(layer.weight.detach().abs().mean()))
         >>> parametrize.register_parametrization(layer, "weight", mask)
         ParametrizedLinear(...)
         >>> bool(mask.hard)
