@@ -3,7 +3,7 @@
 Implements "Weight Reparametrization for Budget-Aware Network Pruning" (Dupont, Sahbi, Michel, ICIP 2021).
 """
 
-from lightning_prune.budget import budget_loss, hard_kept_counts, soft_kept_shares
+from lightning_prune.budget import budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
 from lightning_prune.budget_callback import BudgetCallback, NonFiniteError
 from lightning_prune.export import load_pruned, make_permanent, save_pruned
 from lightning_prune.finalization import FinalizeResult, budget_count, finalize
@@ -30,6 +30,7 @@ __all__ = [
     "PrunedLayer",
     "budget_count",
     "budget_loss",
+    "budget_penalty",
     "finalize",
     "hard_kept_counts",
     "is_reparametrized",

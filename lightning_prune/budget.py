@@ -22,16 +22,40 @@ def soft_kept_shares(layers: list[PrunedLayer], grad_temperature: float | None =
     return sums.sum() / sizes.sum(), sums / sizes
 
 
+#: Width of the quadratic zone of the budget penalty, as a relative gap ``kept/keep − 1``.
+BUDGET_HUBER_DELTA = 0.1
+
+
+def budget_penalty(kept: Tensor, keep: float, delta: float = BUDGET_HUBER_DELTA) -> Tensor:
+    """Huber penalty of the relative gap ``g = kept/keep − 1``, divided by ``delta``.
+
+    ``g²/(2δ)`` for ``|g| <= δ``, ``|g| − δ/2`` beyond: the gradient is bounded (at most 1 per unit of relative gap)
+    while the kept share is far from the target, and near the target it is ``g/δ``, ten times the plain squared
+    gap's ``2g`` at the default ``δ = 0.1``, so the kept share closes the last few percent instead of stalling above
+    the budget.
+
+    Example:
+        >>> import torch
+        >>> round(float(budget_penalty(torch.tensor(0.15), keep=0.1)), 6)  # 50% above the budget: linear zone
+        0.45
+        >>> round(float(budget_penalty(torch.tensor(0.105), keep=0.1)), 6)  # 5% above: quadratic zone
+        0.0125
+    """
+    gap = kept / keep - 1.0
+    magnitude = gap.abs()
+    return torch.where(magnitude <= delta, gap * gap / (2 * delta), magnitude - delta / 2)
+
+
 def budget_loss(
     model: nn.Module | list[PrunedLayer], keep: float, mode: str = "global", grad_temperature: float | None = None
 ) -> Tensor:
-    """Squared relative gap ``((kept_soft − keep)/keep)²`` between the soft kept share and the target keep share.
+    """Budget loss: :func:`budget_penalty` of the gap between the soft kept share and the target keep share.
 
-    Dividing by ``keep`` makes one λ work at every budget: a gap of one budget's worth of weights costs the same at
-    50% and at 99% sparsity (the plain squared gap shrinks with ``keep²`` and stalls above small budgets).
+    The gap is relative (``kept/keep − 1``), so one λ works at every budget: a gap of one budget's worth of weights
+    costs the same at 50% and at 99% sparsity (an absolute gap shrinks with ``keep`` and stalls above small budgets).
 
     ``mode="global"`` uses one share over all weights in scope (layers compete for the budget, ranked by ``|θ|/s``);
-    ``mode="layer"`` averages the squared gap of each layer's own share. ``grad_temperature`` sets how far from the
+    ``mode="layer"`` averages the penalty of each layer's own share. ``grad_temperature`` sets how far from the
     threshold the budget's gradient reaches (see :meth:`MagnitudeMask.soft_gate`).
 
     Example:
@@ -51,8 +75,8 @@ def budget_loss(
     layers = model if isinstance(model, list) else pruned_layers(model)
     total, per_layer = soft_kept_shares(layers, grad_temperature)
     if mode == "global":
-        return ((total - keep) / keep) ** 2
-    return (((per_layer - keep) / keep) ** 2).mean()
+        return budget_penalty(total, keep)
+    return budget_penalty(per_layer, keep).mean()
 
 
 @torch.no_grad()

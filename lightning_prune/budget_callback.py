@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_prune.budget import BUDGET_MODES, budget_loss, hard_kept_counts, soft_kept_shares
+from lightning_prune.budget import BUDGET_MODES, budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
 from lightning_prune.finalization import budget_count, check_sparsity, finalize, layer_floor
 from lightning_prune.reparametrize import PrunedLayer, pruned_layers, reparametrize
 from lightning_prune.schedules import (
@@ -304,7 +304,7 @@ class BudgetCallback(Callback):
                 "prune/lambda": self.lam,
                 "prune/temperature": self.temperature,
                 "prune/target_keep": self.target_keep,
-                "prune/budget_loss": float(((soft - self.target_keep) / self.target_keep) ** 2),
+                "prune/budget_loss": float(budget_penalty(soft, self.target_keep)),
                 "prune/kept_soft": float(soft),
                 "prune/kept_hard": kept / total,
             }

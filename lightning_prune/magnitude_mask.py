@@ -10,22 +10,32 @@ class _MaskedWeight(torch.autograd.Function):
     """w = θ·h(θ) with h = σ((|θ|/s − c)/T); the backward pass bounds dh/dθ by evaluating it at max(T, T_grad).
 
     Saving only θ (and recomputing h in backward) keeps the memory cost of the reparametrization at one tensor.
+    The elementwise passes over the weight reuse their buffers in place (one allocation forward): 5 passes forward,
+    8 to 11 backward (fewer while T ≥ T_grad on the CPU, where the two gates are the same).
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        return theta * _sigmoid_gate(theta, scale, threshold, temperature)
+        gate = _sigmoid_gate(theta, scale, threshold, temperature)
+        return gate.mul_(theta) if gate.dtype == theta.dtype else theta * gate.to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
-        gate = _sigmoid_gate(theta, scale, threshold, temperature)
+        magnitude = _wide(theta).abs()
+        gate = _gate_from_magnitude(magnitude, scale, threshold, temperature)
         t_b = torch.maximum(temperature, grad_temperature)
-        gate_b = _sigmoid_gate(theta, scale, threshold, t_b)
+        if _same_temperature(temperature, t_b):
+            gate_b = gate
+        else:
+            gate_b = _gate_from_magnitude(magnitude, scale, threshold, t_b)
         # d(θ·h)/dθ = h + θ·h'(θ) = h + (|θ|/s)·h_b(1 − h_b)/T_b
-        local = gate + (theta.abs() / scale) * gate_b * (1 - gate_b) / t_b
-        return grad_out * local, None, None, None, None
+        slope = torch.addcmul(gate_b, gate_b, gate_b, value=-1.0).mul_(magnitude)  # |θ|·h_b(1 − h_b)
+        local = gate.addcmul_(slope, torch.reciprocal(scale * t_b))
+        if local.dtype == grad_out.dtype and not grad_out.requires_grad:
+            return local.mul_(grad_out), None, None, None, None
+        return (grad_out * local).to(theta.dtype), None, None, None, None
 
 
 class _SoftGate(torch.autograd.Function):
@@ -34,21 +44,49 @@ class _SoftGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        return _sigmoid_gate(theta, scale, threshold, temperature)
+        return _sigmoid_gate(theta, scale, threshold, temperature).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         t_b = torch.maximum(temperature, grad_temperature)
-        gate_b = _sigmoid_gate(theta, scale, threshold, t_b)
-        return grad_out * gate_b * (1 - gate_b) * torch.sign(theta) / (scale * t_b), None, None, None, None
+        gate_b = _gate_from_magnitude(_wide(theta).abs(), scale, threshold, t_b, inplace=True)
+        coef = torch.reciprocal(scale * t_b)
+        if grad_out.dim() and all(stride == 0 for stride in grad_out.stride()):
+            # the gradient of a sum is one value expanded: fold it into the scalar factor (one pass fewer)
+            coef = coef * grad_out.as_strided((), ()).float()
+            grad_out = None
+        # h_b(1 − h_b)·sign(θ)/(s·T_b)
+        grad = torch.addcmul(gate_b, gate_b, gate_b, value=-1.0).mul_(torch.sign(theta)).mul_(coef)
+        if grad_out is not None:
+            grad = grad * grad_out
+        return grad.to(theta.dtype), None, None, None, None
+
+
+def _wide(theta: Tensor) -> Tensor:
+    # the gate is computed in float32 (or wider) whatever the weight's dtype, so a half-precision weight cannot
+    # move a weight across the threshold through rounding
+    return theta.float() if theta.dtype in (torch.float16, torch.bfloat16) else theta
+
+
+def _gate_from_magnitude(
+    magnitude: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, inplace: bool = False
+) -> Tensor:
+    """σ((|θ|/s − c)/T) from |θ|, as σ(|θ|·(1/(s·T)) − c/T): the scalar factors are folded into two 0-d tensors
+    (no device synchronisation) and the remaining passes work in place (``inplace`` overwrites ``magnitude``)."""
+    factor = torch.reciprocal(scale * temperature)
+    logit = magnitude.mul_(factor) if inplace else magnitude * factor
+    return logit.sub_(threshold / temperature).sigmoid_()
+
+
+def _same_temperature(temperature: Tensor, t_b: Tensor) -> bool:
+    # only looked at on the CPU, where reading the value costs no device synchronisation
+    return temperature.device.type == "cpu" and bool(temperature == t_b)
 
 
 def _sigmoid_gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
-    # the gate is computed in float32 (or wider) whatever the weight's dtype, so a half-precision weight cannot
-    # move a weight across the threshold through rounding
-    wide = theta.float() if theta.dtype in (torch.float16, torch.bfloat16) else theta
-    return torch.sigmoid((wide.abs() / scale - threshold) / temperature).to(theta.dtype)
+    """σ((|θ|/s − c)/T) in float32 or wider (the caller casts it to the weight's dtype)."""
+    return _gate_from_magnitude(_wide(theta).abs(), scale, threshold, temperature, inplace=True)
 
 
 class MagnitudeMask(nn.Module):

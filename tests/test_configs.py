@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,15 @@ EXPERIMENTS = {
 def clean_argv(monkeypatch):
     """LightningCLI warns when both `args` and pytest's own command line are present."""
     monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small forward passes on a shared CPU run much faster on one thread than on contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def config(name: str) -> str:
@@ -98,6 +108,7 @@ def test_train_py_print_config(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "fit", "--config", config("tinyimagenet_resnet18"), "--print_config"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "class_path: lightning_prune.data.TinyImageNetDataModule" in result.stdout
@@ -108,22 +119,17 @@ def test_fit_through_the_cli_on_fake_data(tmp_path, monkeypatch):
     """`train.py fit --config configs/cifar10_conv4.yaml` end to end (tiny widths, a few steps, fake CIFAR10)."""
     monkeypatch.chdir(tmp_path)
     write_cifar10(tmp_path / "data", rows_per_batch=20)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run far faster on one thread of a shared CPU
-    try:
-        cli = PruneCLI(
-            args=[
-                "fit", "--config", config("cifar10_conv4"),
-                "--data.init_args.verify_checksums", "false", "--data.init_args.num_workers", "0",
-                "--data.init_args.val_size", "20", "--data.init_args.batch_size", "16",
-                "--model.init_args.backbone.init_args.width", "4", "--model.init_args.backbone.init_args.hidden", "8",
-                "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-                "--trainer.enable_progress_bar", "false",
-            ],
-        )
-    finally:
-        torch.set_num_threads(threads)
+    cli = PruneCLI(
+        args=[
+            "fit", "--config", config("cifar10_conv4"),
+            "--data.init_args.verify_checksums", "false", "--data.init_args.num_workers", "0",
+            "--data.init_args.val_size", "20", "--data.init_args.batch_size", "16",
+            "--model.init_args.backbone.init_args.width", "4", "--model.init_args.backbone.init_args.hidden", "8",
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+            "--trainer.enable_progress_bar", "false",
+        ],
+    )
     log_dir = Path(cli.trainer.log_dir).resolve()
     assert log_dir.is_relative_to(tmp_path.resolve() / "logs" / "cifar10_conv4")
     assert (log_dir / "checkpoints" / "last.ckpt").is_file()

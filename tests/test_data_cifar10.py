@@ -14,6 +14,7 @@ from lightning_prune import BudgetCallback, PrunedClassifier
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 from lightning_prune.data import CIFAR10DataModule
 from lightning_prune.data import cifar10 as cifar10_module
+from lightning_prune.data.epoch_sampler import EpochSeededSampler
 
 try:
     from dataset_fixtures import read_cifar10_batch, write_cifar10, write_cifar10_batch
@@ -250,3 +251,18 @@ def test_datasets_pickle_for_spawned_workers(data_dir):
     for dataset in (dm.train_set, dm.val_set, dm.test_set):
         copy = pickle.loads(pickle.dumps(dataset))
         assert len(copy) == len(dataset) and copy[0][1] == dataset[0][1]
+
+
+def test_shuffling_depends_only_on_seed_and_epoch(data_dir):
+    dm = make(data_dir, augment=False)
+    dm.setup()
+
+    def labels(loader, epoch):
+        loader.sampler.set_epoch(epoch)  # Lightning does this at the start of every epoch
+        return torch.cat([y for _, y in loader]).tolist()
+
+    first, second = dm.train_dataloader(), dm.train_dataloader()
+    assert isinstance(first.sampler, EpochSeededSampler)
+    assert labels(first, 3) == labels(second, 3) and labels(first, 3) != labels(first, 4)
+    assert sorted(labels(first, 0)) == sorted(labels_of(dm.train_set))
+    assert not isinstance(dm.val_dataloader().sampler, EpochSeededSampler)  # evaluation keeps the dataset order

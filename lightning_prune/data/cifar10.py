@@ -14,6 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from lightning_prune.data.epoch_sampler import EpochSeededSampler
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -55,7 +57,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         batch_size: batch size of every loader.
         num_workers: worker processes of every loader (0 loads in the main process).
         val_size: number of training images held out for validation (0: validate on the test set).
-        seed: seed of the train / validation split.
+        seed: seed of the train / validation split and of the shuffling (each epoch's order depends only on the
+            seed and the epoch, so a resumed run sees the same batches).
         augment: random crop with padding and horizontal flip on the training images.
         crop_padding: padding (pixels) of the random crop.
         mean: per-channel mean subtracted from the [0, 1] images.
@@ -312,14 +315,18 @@ def resolve_pin_memory(datamodule: pl.LightningDataModule, pin_memory: bool | No
 
 
 def make_loader(datamodule: Any, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-    """A DataLoader with the datamodule's ``batch_size``, ``num_workers``, pinning and persistent workers."""
+    """A DataLoader with the datamodule's ``batch_size``, ``num_workers``, pinning and persistent workers.
+
+    With ``shuffle`` the order of each epoch depends only on ``datamodule.seed`` and the epoch
+    (:class:`~lightning_prune.data.epoch_sampler.EpochSeededSampler`), so a resumed run sees the same batches.
+    """
     if dataset is None:
         raise RuntimeError(f"{type(datamodule).__name__}: call setup() before asking for a dataloader.")
     workers = datamodule.num_workers
     return DataLoader(
         dataset,
         batch_size=datamodule.batch_size,
-        shuffle=shuffle,
+        sampler=EpochSeededSampler(len(dataset), seed=datamodule.seed) if shuffle else None,
         num_workers=workers,
         pin_memory=resolve_pin_memory(datamodule, datamodule.pin_memory),
         persistent_workers=bool(datamodule.persistent_workers and workers > 0),

@@ -58,7 +58,8 @@ class TinyImageNetDataModule(pl.LightningDataModule):
         batch_size: batch size of every loader.
         num_workers: worker processes of every loader (0 loads in the main process).
         val_size: number of training images held out for validation (0: validate on the test set).
-        seed: seed of the train / validation split.
+        seed: seed of the train / validation split and of the shuffling (each epoch's order depends only on the
+            seed and the epoch, so a resumed run sees the same batches).
         augment: random crop with padding and horizontal flip on the training images.
         crop_padding: padding (pixels) of the random crop.
         mean: per-channel mean subtracted from the [0, 1] images.
