@@ -9,6 +9,7 @@ from lightning_prune.export import load_pruned, make_permanent, save_pruned
 from lightning_prune.finalization import FinalizeResult, budget_count, finalize
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.pruned_classifier import PrunedClassifier
+from lightning_prune.pruning_inspector import PruningInspector
 from lightning_prune.reparametrize import (
     DEFAULT_LAYER_TYPES,
     PrunedLayer,
@@ -28,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "PrunedClassifier",
     "PrunedLayer",
+    "PruningInspector",
     "budget_count",
     "budget_loss",
     "budget_penalty",

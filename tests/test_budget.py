@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import budget_loss, budget_penalty, hard_kept_counts, pruned_layers, reparametrize, soft_kept_shares
+from lightning_prune import (
+    budget_loss,
+    budget_penalty,
+    hard_kept_counts,
+    pruned_layers,
+    reparametrize,
+    soft_kept_shares,
+)
 
 
 def _model():

@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
 from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, pruned_layers
 from lightning_prune.data import DigitsDataModule
-from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from plain_modules import quiet_trainer, tiny_conv4
 from torch.utils.data import DataLoader
 
 from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, pruned_layers
 from lightning_prune.data import DigitsDataModule
-from plain_modules import quiet_trainer, tiny_conv4
 
 STEPS_PER_EPOCH = 10  # 1,258 training digits / 128
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from plain_modules import quiet_trainer, tiny_conv4
 
 from lightning_prune import BudgetCallback, PrunedClassifier, pruned_layers
 from lightning_prune.data import DigitsDataModule
-from plain_modules import quiet_trainer, tiny_conv4
 
 
 class _Crash(Callback):
