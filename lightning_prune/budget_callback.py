@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_prune.budget import BUDGET_MODES, budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
 from lightning_prune.finalization import budget_count, check_sparsity, finalize, layer_floor
-from lightning_prune.reparametrize import PrunedLayer, pruned_layers, reparametrize
+from lightning_prune.reparametrize import DEFAULT_LAYER_TYPES, PrunedLayer, pruned_layers, reparametrize
 from lightning_prune.schedules import (
     LAMBDA_SCHEDULES,
     TARGET_SCHEDULES,
@@ -158,6 +158,13 @@ class BudgetCallback(Callback):
         if stage != "fit" and not pruned_layers(pl_module):
             return  # validate/test/predict of a dense module: nothing to do
         if not pruned_layers(pl_module):
+            if not any(_prunable(module) for module in pl_module.modules()):
+                kinds = ", ".join(t.__name__ for t in DEFAULT_LAYER_TYPES)
+                raise ValueError(
+                    f"BudgetCallback: {type(pl_module).__name__} has no layer to prune (no {kinds} module with a "
+                    "weight), so there is no budget to meet. Remove the callback, or reparametrize the layers to prune "
+                    "yourself before fit: lightning_prune.reparametrize(model, layer_types=[...])."
+                )
             reparametrize(
                 pl_module,
                 include=self.include,
@@ -202,9 +209,18 @@ class BudgetCallback(Callback):
             self._apply_schedules(trainer.global_step)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self.check_finite and not torch.isfinite(loss.detach()).all():
+        if not self.check_finite:
+            return
+        # one value per rank: every rank takes the same decision (a rank stopping alone would leave the others
+        # waiting in the gradient all-reduce)
+        flat = loss.detach().float().reshape(-1)
+        non_finite = torch.where(torch.isfinite(flat), torch.zeros_like(flat), flat).sum().reshape(1)  # 0 if finite
+        values = _gather_ranks(trainer, non_finite).reshape(-1).tolist()
+        bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
+            where = f" on rank {', '.join(map(str, bad))}" if len(values) > 1 else ""
             raise NonFiniteError(
-                f"The training loss is {loss.detach().float().item()} at step {trainer.global_step} "
+                f"The training loss is {values[bad[0]]}{where} at step {trainer.global_step} "
                 f"(λ={self.lam:.4g}, T={self.temperature:.4g}). Training stopped before the optimizer step, so the "
                 "last checkpoint is intact. Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) "
                 "or raise temperature_end."
@@ -222,7 +238,7 @@ class BudgetCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:
-            self._check_latents_finite(trainer)
+            self._check_latents_finite(trainer, "Training stopped before any checkpoint of this step was written.")
         if not self.finalized:
             if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
                 self._log_state(pl_module)
@@ -239,6 +255,12 @@ class BudgetCallback(Callback):
                 trainer.save_checkpoint(cb.last_model_path)
 
     # ------------------------------------------------------------- state
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+        # called while the checkpoint is built, before anything is written: a NaN that appeared after the per-step
+        # check (another callback, a hook) must not overwrite the last good checkpoint
+        if self.check_finite:
+            self._check_latents_finite(trainer, "The checkpoint of this step was not written.")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -311,13 +333,26 @@ class BudgetCallback(Callback):
             values.update({f"prune/kept/{name}": k / n for name, (k, n) in counts.items()})
         pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
 
-    def _check_latents_finite(self, trainer: pl.Trainer) -> None:
-        for layer in self._layers:
-            if not torch.isfinite(layer.latent).all():
-                raise NonFiniteError(
-                    f"Layer '{layer.name}' has non-finite latent weights after step {trainer.global_step}. "
-                    "Lower the learning rate or clip gradients; resume from the last checkpoint, which is intact."
-                )
+    def _check_latents_finite(self, trainer: pl.Trainer, consequence: str) -> None:
+        if not self._layers:
+            return
+        with torch.no_grad():
+            flags = torch.stack([torch.isfinite(layer.latent).all() for layer in self._layers])
+        # (ranks, layers), gathered so that every rank raises together
+        flags = _gather_ranks(trainer, flags).reshape(-1, len(self._layers)).bool().cpu()
+        if bool(flags.all()):
+            return
+        bad_layers = [self._layers[i].name for i in sorted({int(i) for i in (~flags).nonzero()[:, 1]})]
+        where = ""
+        if flags.shape[0] > 1:
+            ranks = sorted({int(r) for r in (~flags).nonzero()[:, 0]})
+            where = f" on rank {', '.join(map(str, ranks))}"
+        names = ", ".join(f"'{name}'" for name in bad_layers)
+        raise NonFiniteError(
+            f"Layer {names} has non-finite latent weights{where} after step {trainer.global_step}. {consequence} "
+            "Lower the learning rate or clip gradients (Trainer(gradient_clip_val=...)), then resume from the last "
+            "checkpoint, which is intact."
+        )
 
     @torch.no_grad()
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -361,21 +396,34 @@ class BudgetCallback(Callback):
         was_training = pl_module.training
         pl_module.eval()
         correct = seen = 0
+        usable = True
         try:
             for loader in loaders:
                 for batch in loader:
                     if not (isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], Tensor)):
-                        return None
-                    x, y = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
+                        usable = False
+                        break
+                    # as Lightning's loops do: "bf16-true"/"16-true"/"64-true" expect inputs in the model's dtype
+                    x = trainer.precision_plugin.convert_input(batch[0]).to(pl_module.device)
+                    y = batch[1].to(pl_module.device)
                     with trainer.precision_plugin.forward_context():
                         logits = pl_module(x)
                     if not isinstance(logits, Tensor) or logits.dim() != 2:
-                        return None
+                        usable = False
+                        break
                     correct += int((logits.argmax(dim=1) == y).sum())
                     seen += y.numel()
+                if not usable:
+                    break
         finally:
             pl_module.train(was_training)
-        return correct / seen if seen else None
+        if trainer.world_size > 1:
+            # under DDP the validation loaders given to fit are sharded: count over every rank's shard, so that
+            # all ranks report (and checkpoint) the same accuracy
+            counts = torch.tensor([correct, seen, int(not usable)], dtype=torch.float64, device=pl_module.device)
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            correct, seen, usable = int(counts[0]), int(counts[1]), not bool(counts[2])
+        return correct / seen if usable and seen else None
 
 
 def _val_loaders(trainer: pl.Trainer) -> list:
@@ -387,6 +435,20 @@ def _val_loaders(trainer: pl.Trainer) -> list:
     if loaders is None:
         return []
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def _gather_ranks(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """``tensor`` of every rank, stacked along a new first dimension (one row in a single process)."""
+    if trainer.world_size <= 1:
+        return tensor.unsqueeze(0)
+    # a sum of one-hot rows: a plain all-reduce, which every strategy implements
+    rows = torch.zeros((trainer.world_size, *tensor.shape), dtype=torch.float32, device=tensor.device)
+    rows[trainer.global_rank] = tensor.float()
+    return trainer.strategy.reduce(rows, reduce_op="sum")
+
+
+def _prunable(module: torch.nn.Module) -> bool:
+    return isinstance(module, DEFAULT_LAYER_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -80,8 +80,17 @@ def _gate_from_magnitude(
 
 
 def _same_temperature(temperature: Tensor, t_b: Tensor) -> bool:
-    # only looked at on the CPU, where reading the value costs no device synchronisation
-    return temperature.device.type == "cpu" and bool(temperature == t_b)
+    # only looked at on the CPU, where reading the value costs no device synchronisation, and not under
+    # torch.compile, where reading it would break the graph
+    return temperature.device.type == "cpu" and not _is_compiling() and bool(temperature == t_b)
+
+
+def _never() -> bool:
+    return False
+
+
+#: True while torch.compile (dynamo) traces the code (torch.compiler.is_compiling exists from torch 2.3 on).
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
 
 
 def _sigmoid_gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
@@ -140,6 +149,11 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
 
     def forward(self, theta: Tensor) -> Tensor:
+        if _is_compiling():
+            # no branch on a tensor under torch.compile (it would split the graph at every layer): both paths, and
+            # the hard one selected by the flag (a buffer, so hardening needs no recompilation)
+            soft = _MaskedWeight.apply(theta, *self._gate_args())
+            return torch.where(self.hard, theta * self.mask.to(theta.dtype), soft)
         if self.hard:
             return theta * self.mask.to(theta.dtype)
         return _MaskedWeight.apply(theta, *self._gate_args())
@@ -156,8 +170,12 @@ class MagnitudeMask(nn.Module):
         return _SoftGate.apply(theta, scale, threshold, temperature, floor)
 
     def score(self, theta: Tensor) -> Tensor:
-        """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation."""
-        return theta.detach().abs() / self.scale
+        """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation.
+
+        Computed in float32 (or wider) like the gates: with a bfloat16 ``θ`` the ratio would be rounded to bfloat16,
+        which moves weights within 0.4% of the threshold onto or across it.
+        """
+        return _wide(theta.detach()).abs() / self.scale
 
     def hard_gate(self, theta: Tensor) -> Tensor:
         """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""

@@ -67,7 +67,7 @@ class PrunedClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        metric(logits, y)
+        _update_metric(metric, logits.detach(), y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
@@ -98,6 +98,62 @@ class PrunedClassifier(pl.LightningModule):
         if not any(isinstance(cb, BudgetCallback) for cb in self.trainer.callbacks):
             rank_zero_warn("PrunedClassifier is trained without a BudgetCallback: the network stays dense.")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {"backbone": _class_name(self.backbone)}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_CHECKPOINT_KEY, {}).get("backbone")
+        current = _class_name(self.backbone)
+        other_class = (
+            f"The checkpoint was trained with a {saved} backbone but this PrunedClassifier has a {current}: build it "
+            f"with the checkpoint's backbone (PrunedClassifier.load_from_checkpoint(path, backbone={saved}(...)) with "
+            "the arguments used in training)."
+            if saved is not None and saved != current
+            else None
+        )
+        _align_compiled_keys(self, checkpoint["state_dict"])
         # a checkpoint of a pruned run holds reparametrized weights: attach the masks so that it loads strictly
-        reparametrize_like(self, checkpoint["state_dict"])
+        try:
+            reparametrize_like(self, checkpoint["state_dict"])
+        except ValueError as error:
+            if other_class is None:
+                raise
+            raise ValueError(f"{other_class} {error}") from error
+        if other_class is not None:  # it may still fit (a renamed class, strict=False): say it, do not refuse
+            rank_zero_warn(other_class)
+
+
+@torch.compiler.disable
+def _update_metric(metric: MulticlassAccuracy, logits: Tensor, target: Tensor) -> None:
+    # outside torch.compile: torchmetrics counts its updates in an integer attribute, on which a compiled
+    # training_step would guard and so recompile at every step
+    metric(logits, target)
+
+
+_CHECKPOINT_KEY = "lightning_prune"
+_COMPILED = "_orig_mod"  # the attribute under which torch.compile's wrapper holds the module
+
+
+def _class_name(module: nn.Module) -> str:
+    return type(getattr(module, _COMPILED, module)).__qualname__
+
+
+def _align_compiled_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Rename, in place, the keys of a checkpoint saved with (or without) a ``torch.compile``'d submodule so that they
+    match ``model``: the compiled wrapper adds ``_orig_mod.`` to the keys of the module it wraps."""
+    wrappers = {name for name, module in model.named_modules() if isinstance(getattr(module, _COMPILED, None), nn.Module)}
+
+    def own(key: str) -> str:
+        path: list[str] = []
+        for part in key.split("."):
+            if part == _COMPILED:
+                continue
+            if ".".join(path) in wrappers:
+                path.append(_COMPILED)
+            path.append(part)
+        return ".".join(path)
+
+    items = [(own(key), value) for key, value in state_dict.items()]
+    if [key for key, _ in items] != list(state_dict):
+        state_dict.clear()
+        state_dict.update(items)

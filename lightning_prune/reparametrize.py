@@ -17,6 +17,7 @@ from lightning_prune.magnitude_mask import MagnitudeMask
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 _LATENT_SUFFIX = ".parametrizations.weight.original"
+_COMPILED = "_orig_mod"  # torch.compile's wrapper holds the module under this name, which enters the keys
 
 
 @dataclass(frozen=True)
@@ -154,17 +155,25 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
         name = key[: -len(_LATENT_SUFFIX)]
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), Tensor):
+            if any(_COMPILED in n.split(".") for n in (name, *modules)):
+                raise ValueError(
+                    f"The state_dict reparametrizes '{name}.weight' but the model has no such weight: one of the two "
+                    "comes from a torch.compile'd module, whose keys contain '_orig_mod.'. Compile the model the same "
+                    "way before loading, or add/remove '_orig_mod.' in the state_dict's keys."
+                )
             raise ValueError(
                 f"The state_dict reparametrizes '{name}.weight' but the model has no such weight: "
                 "it comes from another architecture."
             )
-        if _mask_of(module) is not None:
-            continue
-        if tuple(module.weight.shape) != tuple(value.shape):
+        masked = _mask_of(module) is not None
+        shape = tuple((module.parametrizations.weight.original if masked else module.weight).shape)
+        if shape != tuple(value.shape):
             raise ValueError(
-                f"'{name}.weight' has shape {tuple(module.weight.shape)} in the model but {tuple(value.shape)} "
+                f"'{name}.weight' has shape {shape} in the model but {tuple(value.shape)} "
                 "in the state_dict: the checkpoint comes from another model."
             )
+        if masked:
+            continue
         mask = MagnitudeMask(module.weight.shape, scale=1.0)
         parametrize.register_parametrization(module, "weight", mask, unsafe=True)
         attached.append(name)

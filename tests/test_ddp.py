@@ -1,0 +1,116 @@
+"""DDP on the CPU (2 processes, gloo): every rank trains, schedules, finalises and stops on a fault identically.
+
+The runs are in ``tests/ddp_worker.py``, launched once as a subprocess (Lightning's DDP launcher re-runs it for rank
+1); each rank saves what it saw and the tests compare the two ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_prune import budget_count
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+REPO = WORKER.parent.parent
+SCENARIOS = ("fit", "nan_loss_rank1", "nan_latent_rank1")
+TIMEOUT_S = 120  # about 20 s on 2 cores; a rank left waiting for the other would hang until gloo's 30 min timeout
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), *SCENARIOS],
+        cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        log, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the rank it started
+        log, _ = process.communicate()
+        pytest.fail(f"the DDP run did not finish in {TIMEOUT_S} s (a rank waiting for the other?):\n{log[-4000:]}")
+    assert process.returncode == 0, log[-4000:]
+    results = {}
+    for scenario in SCENARIOS:
+        files = [out / f"{scenario}.rank{r}.pt" for r in (0, 1)]
+        assert all(f.exists() for f in files), f"{scenario}: a rank saved nothing\n{log[-4000:]}"
+        results[scenario] = [torch.load(f, weights_only=False) for f in files]
+    return results
+
+
+def test_it_really_ran_two_gloo_processes(ranks):
+    a, b = ranks["fit"]
+    assert (a["rank"], b["rank"]) == (0, 1)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["backend"] == b["backend"] == "gloo"
+    assert "error" not in a and "error" not in b, a.get("traceback") or b.get("traceback")
+    assert a["global_step"] == b["global_step"] == 20 == len(a["steps"]) == len(b["steps"])
+
+
+def test_schedules_budget_gradient_and_latents_agree_at_every_step(ranks):
+    a, b = ranks["fit"]
+    for sa, sb in zip(a["steps"], b["steps"]):
+        step = sa["global_step"]
+        assert sa["schedule"] == sb["schedule"], step  # λ, T, target keep share
+        assert sa["buffers"] == sb["buffers"], step  # T, c (lowered by the floor) and T_grad of every mask
+        for ga, gb in zip(sa["grads"], sb["grads"]):  # task gradient (all-reduced) + λ·budget gradient (local)
+            assert torch.equal(ga, gb), step
+        for la, lb in zip(sa["latents"], sb["latents"]):
+            assert torch.equal(la, lb), step
+    # the schedules did move: the comparison above is not between constants
+    assert a["steps"][0]["schedule"] != a["steps"][-1]["schedule"]
+    assert a["steps"][-1]["schedule"][0] == pytest.approx(3.0)
+
+
+def test_finalised_masks_are_identical_and_the_budget_is_exact(ranks):
+    a, b = ranks["fit"]
+    assert all(a["hard"]) and all(b["hard"])
+    assert a["scales"] == b["scales"]  # computed from each rank's own initial weights, then broadcast by DDP
+    assert a["latents"].keys() == b["latents"].keys()
+    for name in a["latents"]:
+        assert torch.equal(a["latents"][name], b["latents"][name]), name
+        assert torch.equal(a["masks"][name], b["masks"][name]), name
+    total = sum(m.numel() for m in a["masks"].values())
+    kept = sum(int(m.sum()) for m in a["masks"].values())
+    assert kept == budget_count(total, 0.8)
+
+
+def test_callback_state_and_report_are_identical(ranks):
+    """Including the accuracies measured at finalisation on the validation loader, which DDP shards per rank."""
+    a, b = ranks["fit"]
+    assert a["callback_state"]["finalized"] and a["callback_state"]["report"]["acc_hard"] is not None
+    assert a["callback_state"] == b["callback_state"]
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(ranks):
+    for result in ranks["nan_loss_rank1"]:
+        assert result["error"][0] == "NonFiniteError", result["traceback"]
+        assert "on rank 1 at step 3" in result["error"][1]
+        assert result["global_step"] == 3
+        assert all(torch.isfinite(t).all() for t in result["latents"].values())
+
+
+def test_a_nan_latent_on_one_rank_stops_every_rank_with_the_same_error(ranks):
+    for result in ranks["nan_latent_rank1"]:
+        assert result["error"][0] == "NonFiniteError", result["traceback"]
+        assert "Layer 'backbone.features.2' has non-finite latent weights on rank 1 after step 5" in result["error"][1]
+        assert result["global_step"] == 5

@@ -1,0 +1,112 @@
+"""bfloat16 on the CPU: mixed-precision training meets the budget, and the gate arithmetic stays in float32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from plain_modules import quiet_trainer, tiny_conv4
+from torch import nn
+
+from lightning_prune import (
+    BudgetCallback,
+    MagnitudeMask,
+    PrunedClassifier,
+    budget_count,
+    budget_loss,
+    finalize,
+    hard_kept_counts,
+    pruned_layers,
+    reparametrize,
+    soft_kept_shares,
+)
+from lightning_prune.data import DigitsDataModule
+
+
+class _Watch(Callback):
+    """Records every training loss, and the dtype the first convolution computes in."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.conv_dtypes: set[torch.dtype] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        conv = pl_module.backbone.features[0]
+        conv.register_forward_hook(lambda module, args, out: self.conv_dtypes.add(out.dtype))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("precision, latent_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_bf16_fit_is_finite_and_meets_the_budget_exactly(precision, latent_dtype):
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback, watch = BudgetCallback(sparsity=0.8), _Watch()
+    trainer = quiet_trainer(max_epochs=2, precision=precision, callbacks=[callback, watch])
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert watch.conv_dtypes == {torch.bfloat16}  # the network really computed in bfloat16
+    assert len(watch.losses) == 20 and all(math.isfinite(loss) for loss in watch.losses)
+    layers = pruned_layers(model)
+    assert all(layer.latent.dtype == latent_dtype and torch.isfinite(layer.latent).all() for layer in layers)
+    total = sum(layer.numel for layer in layers)
+    assert callback.report["kept"] == sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(total, 0.8)
+    # the accuracy at finalisation was measured (with "bf16-true" the inputs must be cast like Lightning's loops do)
+    assert callback.report["acc_soft"] is not None and callback.report["acc_hard"] is not None
+
+
+def test_gates_of_a_bf16_weight_compare_with_the_threshold_in_float32():
+    mask = MagnitudeMask((1,), scale=1.0078, threshold=1.0, temperature=1e-6)
+    theta = torch.tensor([1.0078125], dtype=torch.bfloat16)  # |θ|/s = 1.0000124 in float32: above c = 1
+    assert (theta / mask.scale).item() == 1.0  # in bfloat16 the ratio rounds onto c: the weight would be dropped
+    assert mask.score(theta).dtype == torch.float32 and mask.score(theta).item() > 1.0
+    assert bool(mask.hard_gate(theta))
+    assert mask.soft_gate(theta).item() > 0.5  # σ((|θ|/s − c)/T) = σ(12.4), not σ(0)
+
+
+def test_finalize_ranks_bf16_weights_by_their_float32_scores():
+    """Two weights whose normalised magnitudes differ in float32 but tie once rounded to bfloat16: a bfloat16
+    ranking would keep the first by position; the float32 ranking keeps the larger one."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    reparametrize(model, preserve_scale=False)
+    model.to(torch.bfloat16)  # what precision="bf16-true" does: latents and buffers in bfloat16
+    first, second = pruned_layers(model)
+    with torch.no_grad():
+        first.latent.fill_(1.015625)
+        first.mask.scale.fill_(1.0078125)  # 1.0077519 in float32, 1.0078125 in bfloat16
+        second.latent.fill_(1.0078125)
+        second.mask.scale.fill_(1.0)  # 1.0078125 in both
+    assert (first.latent / first.mask.scale).item() == (second.latent / second.mask.scale).item()  # a bf16 tie
+    result = finalize(model, sparsity=0.5)
+    assert result.per_layer == {"0": (0, 1), "1": (1, 1)}
+
+
+def test_budget_counts_loss_and_gradient_do_not_change_under_autocast():
+    torch.manual_seed(0)
+    model = tiny_conv4(input_size=8)
+    reparametrize(model)
+    with torch.no_grad():
+        for layer in pruned_layers(model):
+            layer.latent.mul_(1 + 0.3 * torch.randn_like(layer.latent))
+
+    def measure():
+        for layer in pruned_layers(model):
+            layer.latent.grad = None
+        loss = budget_loss(model, keep=0.3, grad_temperature=1.0)
+        loss.backward()
+        soft, per_layer = soft_kept_shares(pruned_layers(model))
+        weights = [layer.module.weight for layer in pruned_layers(model)]
+        grads = [layer.latent.grad.clone() for layer in pruned_layers(model)]
+        return hard_kept_counts(model), soft.item(), per_layer.tolist(), loss.item(), grads, weights
+
+    plain = measure()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # active
+        mixed = measure()
+    assert mixed[:4] == plain[:4]
+    assert all(torch.equal(a, b) for a, b in zip(mixed[4], plain[4]))
+    assert all(w.dtype == torch.float32 for w in mixed[5])  # the masked weight too: autocast casts at the conv
+    assert all(torch.equal(a, b) for a, b in zip(mixed[5], plain[5]))
+

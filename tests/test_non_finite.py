@@ -1,0 +1,106 @@
+"""A NaN in the middle of training stops it with NonFiniteError and leaves the last good checkpoint untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from plain_modules import quiet_trainer, tiny_conv4
+
+from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, pruned_layers
+from lightning_prune.data import DigitsDataModule
+
+# 10 optimizer steps per epoch (1,258 training digits / 128); checkpoints every 5 steps: step=5, step=10 and last
+
+
+def _snapshot(directory) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+class _Fault(Callback):
+    """Injects a NaN at ``global_step == at`` and photographs the checkpoint folder just before it.
+
+    ``where``: ``"update"``, a latent becomes NaN in the optimizer step (as after an exploding gradient);
+    ``"after_check"``, a latent becomes NaN at the end of the step, after BudgetCallback's own check (this callback
+    comes after it), just before ModelCheckpoint saves that step; ``"input"``, the batch is NaN, so the loss is.
+    """
+
+    def __init__(self, where: str, at: int, ckpt_dir) -> None:
+        self.where, self.at, self.ckpt_dir = where, at, ckpt_dir
+        self.before: dict[str, tuple[bytes, int]] | None = None
+
+    def _inject(self, trainer, target: torch.Tensor) -> None:
+        self.before = _snapshot(self.ckpt_dir)
+        with torch.no_grad():
+            target.view(-1)[0] = float("nan")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.where == "input" and trainer.global_step == self.at:
+            self._inject(trainer, batch[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.where == "update" and trainer.global_step == self.at:
+            self._inject(trainer, pruned_layers(pl_module)[1].latent)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where == "after_check" and trainer.global_step == self.at:
+            self._inject(trainer, pruned_layers(pl_module)[1].latent)
+
+
+def _all_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _all_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _all_tensors(value)
+
+
+@pytest.mark.parametrize(
+    "where, at, message",
+    [
+        # the optimizer step taken at global_step 11 (the 12th) produces the NaN
+        ("update", 11, r"Layer 'backbone\.features\.2' has non-finite latent weights after step 12\."),
+        # NaN after the check of step 15, which ModelCheckpoint would save: the save itself is refused
+        ("after_check", 15, r"Layer 'backbone\.features\.2' has non-finite latent weights after step 15\. "
+         r"The checkpoint of this step was not written\."),
+        ("input", 12, r"The training loss is nan at step 12 "),
+    ],
+    ids=["nan_latent_from_the_update", "nan_latent_after_the_check", "nan_loss"],
+)
+def test_nan_stops_training_and_the_last_checkpoint_is_intact(tmp_path, where, at, message):
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    fault = _Fault(where, at, tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, save_last=True, filename="{step}")
+    trainer = quiet_trainer(
+        max_epochs=3, callbacks=[BudgetCallback(sparsity=0.8), fault, checkpoint], enable_checkpointing=True
+    )
+    with pytest.raises(NonFiniteError, match=message):
+        trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+
+    assert fault.before is not None and set(fault.before) == {"step=5.ckpt", "step=10.ckpt", "last.ckpt"}
+    assert _snapshot(tmp_path) == fault.before  # nothing written, rewritten or removed by the failure
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 10
+    tensors = list(_all_tensors(last["state_dict"])) + list(_all_tensors(last["optimizer_states"]))
+    assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    loaded = PrunedClassifier.load_from_checkpoint(tmp_path / "last.ckpt", backbone=tiny_conv4(input_size=8))
+    assert torch.isfinite(loaded.eval()(torch.randn(4, 1, 8, 8))).all()
+
+
+def test_check_finite_false_lets_the_nan_through(tmp_path):
+    """The counterpart of the test above: without the checks the NaN reaches the checkpoint on disk."""
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    fault = _Fault("update", 11, tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, save_last=True, filename="{step}")
+    trainer = quiet_trainer(
+        max_steps=15, callbacks=[BudgetCallback(sparsity=0.8, check_finite=False), fault, checkpoint],
+        enable_checkpointing=True,
+    )
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    state = torch.load(tmp_path / "step=15.ckpt", weights_only=False)["state_dict"]
+    assert not torch.isfinite(state["backbone.features.2.parametrizations.weight.original"]).all()
