@@ -153,10 +153,15 @@ class MagnitudeMask(nn.Module):
             # no branch on a tensor under torch.compile (it would split the graph at every layer): both paths, and
             # the hard one selected by the flag (a buffer, so hardening needs no recompilation)
             soft = _MaskedWeight.apply(theta, *self._gate_args())
-            return torch.where(self.hard, theta * self.mask.to(theta.dtype), soft)
+            return torch.where(self.hard, self._masked(theta), soft)
         if self.hard:
-            return theta * self.mask.to(theta.dtype)
+            return self._masked(theta)
         return _MaskedWeight.apply(theta, *self._gate_args())
+
+    def _masked(self, theta: Tensor) -> Tensor:
+        # θ ⊙ M as a select: autograd keeps only the boolean mask (a buffer) for the backward, where θ·M.float() would
+        # keep a float copy of the mask per layer
+        return torch.where(self.mask, theta, theta.new_zeros(()))
 
     def soft_gate(self, theta: Tensor, grad_temperature: float | None = None) -> Tensor:
         """``h_T(θ)`` in [0, 1], differentiable; the budget loss sums it.
