@@ -4,7 +4,10 @@ Same backbone, data, epochs, optimizer (Adam, lr 1e-3) and seed for every method
 
 * ``dense``: no pruning;
 * ``lightning_prune``: ``PrunedClassifier`` + ``BudgetCallback(sparsity=s)`` with its defaults (finalised, hard masks,
-  no fine-tuning after the cut);
+  no fine-tuning after the cut). One exception: when the callback's default ``min_layer_keep`` cannot fit in the
+  budget (each layer keeps ``ceil(min_layer_keep·n)``, so at ``s = 0.99`` the default 1% floors add up to more than
+  the 1% budget and ``BudgetCallback.setup`` refuses to start), the floor share is halved until it fits
+  (``--min-layer-keep`` sets it by hand, used as given); the share used is in each row's ``min_layer_keep``;
 * ``modelpruning``: ``lightning.pytorch.callbacks.ModelPruning("l1_unstructured", use_global_unstructured=True,
   make_pruning_permanent=True, use_lottery_ticket_hypothesis=False)`` on the same Conv/Linear weights, pruning at the
   end of each epoch along the same cubic schedule as ours (sparsity ``s·(1 − (1 − r)³)``, ``r`` reaching 1 at 60% of
@@ -23,6 +26,12 @@ the files are there.
 Usage::
 
     python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 1 2 --epochs 20 --csv accuracy.csv
+
+    # what benchmarks/results/accuracy_at_budget_digits.* come from (the defaults; 24 minutes on a 2-core CPU shared
+    # with other jobs, about 13 on an idle one: 25-30 s per training run, 27 runs):
+    python benchmarks/accuracy_at_budget.py --threads 2 --flush-denormal --seeds 0 1 2 --epochs 20 \\
+        --sparsities 0.9 0.95 0.98 0.99 \\
+        --csv benchmarks/results/accuracy_at_budget_digits.csv --json benchmarks/results/accuracy_at_budget_digits.json
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import json
 import logging
 import math
@@ -52,6 +62,7 @@ import lightning_prune
 from lightning_prune import BudgetCallback, PrunedClassifier
 from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.finalization import budget_count, layer_floor
 
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 METHODS = ("dense", "lightning_prune", "modelpruning", "oneshot")
@@ -66,6 +77,7 @@ class Run:
     test_acc: float
     achieved_sparsity: float
     seconds: float
+    min_layer_keep: float = 0.0  # lightning_prune's per-layer floor share; the baselines have none
 
 
 @dataclass
@@ -126,6 +138,20 @@ def test_accuracy(model: nn.Module, loader) -> float:
         seen += y.numel()
     model.train(was_training)
     return correct / seen
+
+
+#: BudgetCallback's own default floor share (read from its signature, so the benchmark follows the library).
+DEFAULT_MIN_LAYER_KEEP = float(inspect.signature(BudgetCallback).parameters["min_layer_keep"].default)
+
+
+def feasible_min_layer_keep(backbone: nn.Module, sparsity: float, wanted: float = DEFAULT_MIN_LAYER_KEEP) -> float:
+    """``wanted`` (BudgetCallback's default floor share) halved until the per-layer floors fit in the budget."""
+    share = wanted
+    sizes = [getattr(module, name).numel() for module, name in prunable_params(backbone)]
+    budget = budget_count(sum(sizes), sparsity)
+    while share > 0 and sum(layer_floor(n, share) for n in sizes) > budget:
+        share = share / 2 if share > 1e-6 else 0.0
+    return share
 
 
 def oneshot_prune(backbone: nn.Module, sparsity: float) -> nn.Module:
@@ -191,12 +217,13 @@ def train(setup: Setup, seed: int, callbacks: list, prune_modelpruning: bool = F
 def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequence[str]) -> list[Run]:
     runs: list[Run] = []
 
-    def record(method: str, s: float, backbone: nn.Module, dm, seconds: float) -> None:
+    def record(method: str, s: float, backbone: nn.Module, dm, seconds: float, floor: float = 0.0) -> None:
         run = Run(method, s, seed, test_accuracy(backbone, dm.test_dataloader()), achieved_sparsity(backbone),
-                  round(seconds, 2))
+                  round(seconds, 2), floor)
         runs.append(run)
+        note = f", min_layer_keep {floor:g}" if method == "lightning_prune" else ""
         print(f"  seed {seed} {method:16s} s={s:.2f}: acc {run.test_acc:.4f}, achieved sparsity "
-              f"{run.achieved_sparsity:.4f} ({run.seconds:.0f} s)", flush=True)
+              f"{run.achieved_sparsity:.4f}{note} ({run.seconds:.0f} s)", flush=True)
 
     if "dense" in methods or "oneshot" in methods:
         model, dm, seconds = train(setup, seed, [])
@@ -207,12 +234,17 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
                 record("oneshot", s, oneshot_prune(model.backbone, s), dm, 0.0)
     for s in sparsities:
         if "lightning_prune" in methods:
-            model, dm, seconds = train(setup, seed, [BudgetCallback(sparsity=s)])
-            record("lightning_prune", s, model.backbone, dm, seconds)
+            floor = setup.args.min_layer_keep
+            if floor is None:
+                floor = feasible_min_layer_keep(setup.backbone(), s)
+            kwargs = {} if floor == DEFAULT_MIN_LAYER_KEEP else {"min_layer_keep": floor}
+            callback = BudgetCallback(sparsity=s, **kwargs)
+            model, dm, seconds = train(setup, seed, [callback])
+            record("lightning_prune", s, model.backbone, dm, seconds, floor)
         if "modelpruning" in methods:
             epochs = setup.args.epochs
 
-            def make(backbone: nn.Module, s: float = s) -> ModelPruning:
+            def make(backbone: nn.Module, s: float = s, epochs: int = epochs) -> ModelPruning:
                 return ModelPruning(
                     "l1_unstructured", parameters_to_prune=prunable_params(backbone),
                     amount=GradualAmount(s, epochs), use_global_unstructured=True, make_pruning_permanent=True,
@@ -266,6 +298,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="Conv4 hidden linear width")
     p.add_argument("--limit-train-batches", type=float, default=1.0, help="Trainer(limit_train_batches=...)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-layer-keep", type=float, default=None,
+                   help="BudgetCallback(min_layer_keep=...), used as given (default: the callback's, halved where it "
+                   "cannot fit in the budget)")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) for the whole run, recorded in the JSON (a guard against slow "
+                        "subnormal arithmetic; a probe of a digits run at 0.98 found no subnormal latent, gradient or "
+                        "Adam state, and the accuracies are the same with and without it)")
     p.add_argument("--cifar10-dir", default=None, help="run on CIFAR10 from this folder (no download)")
     p.add_argument("--num-workers", type=int, default=2, help="CIFAR10 loader workers")
     p.add_argument("--verbose", action="store_true", help="keep Lightning's log lines")
@@ -283,13 +322,14 @@ def main(argv: Sequence[str] | None = None) -> list[Summary]:
             raise SystemExit(f"sparsities must be in (0, 1), got {s}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    flush_denormal = bool(args.flush_denormal and torch.set_flush_denormal(True))
     if not args.verbose:
         for name in ("lightning.pytorch", "lightning.fabric", "lightning_prune"):
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     env = {"python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__,
            "lightning_prune": lightning_prune.__version__, "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "flush_denormal": flush_denormal,
            "data": "cifar10" if args.cifar10_dir else f"digits {args.image_size}x{args.image_size}"}
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))

@@ -26,6 +26,14 @@ single operation, so it is a lower bound that is the same kind of number for eve
 Usage::
 
     python benchmarks/step_cost.py --threads 2 --steps 20 --warmup 3 --csv step_cost.csv
+
+    # what benchmarks/results/step_cost_cpu.* come from (about 3.5 minutes on an idle 2-core CPU):
+    python benchmarks/step_cost.py --threads 2 --batch-size 64 --steps 30 --warmup 3 \\
+        --model-steps vgg19=20:2 resnet18=12:2 \\
+        --csv benchmarks/results/step_cost_cpu.csv --json benchmarks/results/step_cost_cpu.json
+
+CPU timings are only as steady as the machine is idle: with other processes on the cores, torch's two threads wait on
+each other and the medians (and their ratios) scatter by tens of percent.
 """
 
 from __future__ import annotations
@@ -136,7 +144,7 @@ class Variant:
             seen: set[int] = set()
             counter = [0]
 
-            def pack(t: torch.Tensor) -> torch.Tensor:
+            def pack(t: torch.Tensor, seen: set[int] = seen, counter: list[int] = counter) -> torch.Tensor:
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
                 if ptr not in own and ptr not in seen:
@@ -306,6 +314,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--model-steps", nargs="+", default=[], metavar="MODEL=STEPS[:WARMUP]",
+                        help="per-model override of --steps/--warmup, e.g. vgg19=8:2 resnet18=6:2 (big models are slow)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 128 on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -319,10 +329,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def step_plan(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """``{model: (timed steps, warm-up steps)}`` from ``--steps``/``--warmup`` and the ``--model-steps`` overrides."""
+    plan = {name: (args.steps, args.warmup) for name in MODELS}
+    for item in args.model_steps:
+        name, sep, value = item.partition("=")
+        steps, _, warmup = value.partition(":")
+        if not sep or name not in MODELS or not steps.isdigit() or (warmup and not warmup.isdigit()):
+            raise SystemExit(f"--model-steps takes MODEL=STEPS[:WARMUP] with MODEL in {MODELS}, got {item!r}")
+        plan[name] = (int(steps), int(warmup) if warmup else args.warmup)
+    for name, (steps, warmup) in plan.items():
+        if steps < 1 or warmup < 0:
+            raise SystemExit(f"{name}: steps must be >= 1 and warm-up >= 0, got {steps} and {warmup}")
+    return plan
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    plan = step_plan(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -340,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for device, precision, batch in runs:
         for name in args.models:
-            rows += measure(name, device, precision, batch, args.steps, args.warmup, args.width_scale, threads,
-                            args.seed)
+            steps, warmup = plan[name]
+            rows += measure(name, device, precision, batch, steps, warmup, args.width_scale, threads, args.seed)
             print(format_table([r for r in rows if (r.model, r.device, r.precision) == (name, device.type,
                                                                                             precision)]), flush=True)
     if args.profile:

@@ -1,0 +1,180 @@
+"""Smoke tests of the benchmark scripts: tiny sizes, a few steps, and the files they write hold what they should."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` (the folder is not a package) under a private module name."""
+    module_name = f"_benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def step_cost():
+    return _load("step_cost")
+
+
+@pytest.fixture
+def accuracy():
+    return _load("accuracy_at_budget")
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """The scripts set torch's thread count and quieten Lightning's loggers: undo both for the tests that follow."""
+    threads = torch.get_num_threads()
+    names = ("lightning.pytorch", "lightning.fabric", "lightning_prune")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    torch.set_num_threads(threads)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------- step_cost.py
+def test_step_cost_smoke(step_cost, tmp_path):
+    csv_path, json_path = tmp_path / "step_cost.csv", tmp_path / "step_cost.json"
+    rows = step_cost.main([
+        "--device", "cpu", "--models", "conv4", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+        "--width-scale", "0.125", "--threads", "1", "--csv", str(csv_path), "--json", str(json_path),
+    ])
+    table = _read_csv(csv_path)
+    assert list(table[0]) == [f.name for f in fields(step_cost.Row)]
+    assert [r["variant"] for r in table] == list(step_cost.VARIANTS)
+    assert len(rows) == len(table)
+    by_variant = {r["variant"]: r for r in table}
+    for r in table:
+        assert (r["model"], r["device"], r["precision"], r["batch_size"], r["steps"]) == ("conv4", "cpu", "fp32", "4",
+                                                                                            "2")
+        for column in ("median_ms", "time_ratio", "peak_mb", "memory_ratio"):
+            value = float(r[column])
+            assert math.isfinite(value) and value > 0, (r["variant"], column, value)
+        assert float(r["iqr_ms"]) >= 0
+        assert r["memory_kind"].startswith("estimate")
+    assert float(by_variant["dense"]["time_ratio"]) == 1.0
+    assert float(by_variant["dense"]["memory_ratio"]) == 1.0
+    # the reparametrization adds no trainable parameter, and neither does torch's pruning (weight_orig replaces weight)
+    assert len({r["params"] for r in table}) == 1
+    # the soft mask's effective weights are saved for the backward: the estimate sees more than the dense one
+    assert float(by_variant["reparam"]["memory_ratio"]) > 1.0
+
+    report = json.loads(json_path.read_text())
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["environment"]["torch_threads"] == 1
+    assert [r["variant"] for r in report["rows"]] == list(step_cost.VARIANTS)
+    assert report["rows"][1]["time_ratio"] == pytest.approx(float(by_variant["reparam"]["time_ratio"]))
+    assert isinstance(report["goals_missed"], list)
+    assert report["goals_missed"] == step_cost.check_goals(rows)
+
+
+def test_step_cost_goals_and_per_model_steps(step_cost):
+    def row(variant, time_ratio, memory_ratio, device="cpu"):
+        return step_cost.Row("conv4", device, "fp32", variant, 64, 2, 10, 1.0, 0.1, time_ratio, 1.0, memory_ratio,
+                             "estimate", 1)
+
+    assert step_cost.check_goals([row("dense", 1.0, 1.0), row("reparam", 1.09, 1.24)]) == []
+    assert step_cost.check_goals([row("modelpruning", 3.0, 3.0)]) == []  # only the reparametrization has goals
+    misses = step_cost.check_goals([row("reparam", 1.2, 1.3), row("reparam", 1.06, 1.0, device="cuda")])
+    assert len(misses) == 3 and "step time 1.200x" in misses[0] and "peak memory" in misses[1]
+
+    args = step_cost.parse_args(["--steps", "20", "--warmup", "3", "--model-steps", "vgg19=8:2", "resnet18=6"])
+    assert step_cost.step_plan(args) == {"conv4": (20, 3), "vgg19": (8, 2), "resnet18": (6, 3)}
+    for bad in ("vgg=8", "vgg19", "vgg19=x", "vgg19=0"):
+        with pytest.raises(SystemExit):
+            step_cost.step_plan(step_cost.parse_args(["--model-steps", bad]))
+
+
+# ------------------------------------------------------------------------------------------- accuracy_at_budget.py
+def test_accuracy_at_budget_smoke(accuracy, tmp_path):
+    csv_path, json_path = tmp_path / "accuracy.csv", tmp_path / "accuracy.json"
+    sparsity = 0.95
+    summary = accuracy.main([
+        "--seeds", "0", "--epochs", "1", "--sparsities", str(sparsity), "--width", "8", "--hidden", "16",
+        "--limit-train-batches", "4", "--threads", "1", "--csv", str(csv_path), "--json", str(json_path),
+    ])
+    runs = _read_csv(csv_path)
+    assert list(runs[0]) == [f.name for f in fields(accuracy.Run)]
+    assert sorted(r["method"] for r in runs) == sorted(accuracy.METHODS)
+    for r in runs:
+        assert r["seed"] == "0"
+        assert 0.0 <= float(r["test_acc"]) <= 1.0
+        assert float(r["seconds"]) >= 0
+        assert float(r["min_layer_keep"]) == (accuracy.DEFAULT_MIN_LAYER_KEEP if r["method"] == "lightning_prune"
+                                               else 0.0)
+        if r["method"] == "dense":
+            assert float(r["target_sparsity"]) == 0.0 and float(r["achieved_sparsity"]) < 0.01
+        else:
+            assert float(r["target_sparsity"]) == sparsity
+            # every pruning method reaches the budget exactly: ours by finalisation, torch's by its global top-k
+            assert float(r["achieved_sparsity"]) == pytest.approx(sparsity, abs=1e-3), r["method"]
+
+    assert [(s.method, s.target_sparsity) for s in summary] == [
+        ("dense", 0.0), ("lightning_prune", sparsity), ("modelpruning", sparsity), ("oneshot", sparsity)]
+    for s in summary:
+        assert s.runs == 1 and s.acc_std == 0.0
+        assert math.isfinite(s.acc_ratio_to_dense) and s.acc_ratio_to_dense >= 0
+    assert summary[0].acc_ratio_to_dense == 1.0
+
+    report = json.loads(json_path.read_text())
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["args"]["sparsities"] == [sparsity]
+    assert len(report["runs"]) == len(runs) and len(report["summary"]) == len(summary)
+    lp = next(s for s in report["summary"] if s["method"] == "lightning_prune")
+    assert lp["sparsity_mean"] == pytest.approx(sparsity, abs=1e-3)
+
+
+def test_accuracy_floor_share_fits_the_budget(accuracy):
+    """At 99% sparsity BudgetCallback's default 1% per-layer floors (rounded up) exceed the 1% budget: halve them."""
+    from lightning_prune.backbones import Conv4
+    from lightning_prune.finalization import budget_count, layer_floor
+
+    backbone = Conv4(num_classes=10, in_channels=1, input_size=16)
+    sizes = [module.weight.numel() for module, _ in accuracy.prunable_params(backbone)]
+    default = accuracy.DEFAULT_MIN_LAYER_KEEP
+    for sparsity in (0.9, 0.95, 0.98, 0.99, 0.999):
+        share = accuracy.feasible_min_layer_keep(backbone, sparsity)
+        assert 0 <= share <= default
+        assert sum(layer_floor(n, share) for n in sizes) <= budget_count(sum(sizes), sparsity)
+        if sum(layer_floor(n, default) for n in sizes) <= budget_count(sum(sizes), sparsity):
+            assert share == default  # the callback's default is kept wherever it fits
+    assert accuracy.feasible_min_layer_keep(backbone, 0.9) == default
+    assert accuracy.feasible_min_layer_keep(backbone, 0.99) < default
+
+
+@pytest.mark.parametrize("epochs", [1, 5, 20])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
+    """torch prunes a share of the weights still unpruned: the increments compound to the cubic schedule's target."""
+    amount = accuracy.GradualAmount(sparsity, epochs)
+    kept = 1.0
+    for epoch in range(epochs):
+        step = amount(epoch)
+        assert 0.0 <= step < 1.0
+        kept *= 1.0 - step
+        assert 1.0 - kept == pytest.approx(accuracy.cumulative_sparsity(epoch, sparsity, epochs), abs=1e-12)
+    assert 1.0 - kept == pytest.approx(sparsity, abs=1e-12)
