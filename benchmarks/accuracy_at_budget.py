@@ -4,10 +4,8 @@ Same backbone, data, epochs, optimizer (Adam, lr 1e-3) and seed for every method
 
 * ``dense``: no pruning;
 * ``lightning_prune``: ``PrunedClassifier`` + ``BudgetCallback(sparsity=s)`` with its defaults (finalised, hard masks,
-  no fine-tuning after the cut). One exception: when the callback's default ``min_layer_keep`` cannot fit in the
-  budget (each layer keeps ``ceil(min_layer_keep·n)``, so at ``s = 0.99`` the default 1% floors add up to more than
-  the 1% budget and ``BudgetCallback.setup`` refuses to start), the floor share is halved until it fits
-  (``--min-layer-keep`` sets it by hand, used as given); the share used is in each row's ``min_layer_keep``;
+  no fine-tuning after the cut); ``--min-layer-keep`` overrides its per-layer floor share, and the share used (the
+  default is 1%, capped at half the keep share: 0.5% at ``s = 0.99``) is in each row's ``min_layer_keep``;
 * ``modelpruning``: ``lightning.pytorch.callbacks.ModelPruning("l1_unstructured", use_global_unstructured=True,
   make_pruning_permanent=True, use_lottery_ticket_hypothesis=False)`` on the same Conv/Linear weights, pruning at the
   end of each epoch along the same cubic schedule as ours (sparsity ``s·(1 − (1 − r)³)``, ``r`` reaching 1 at 60% of
@@ -39,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import inspect
 import json
 import logging
 import math
@@ -62,7 +59,6 @@ import lightning_prune
 from lightning_prune import BudgetCallback, PrunedClassifier
 from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
-from lightning_prune.finalization import budget_count, layer_floor
 
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 METHODS = ("dense", "lightning_prune", "modelpruning", "oneshot")
@@ -138,20 +134,6 @@ def test_accuracy(model: nn.Module, loader) -> float:
         seen += y.numel()
     model.train(was_training)
     return correct / seen
-
-
-#: BudgetCallback's own default floor share (read from its signature, so the benchmark follows the library).
-DEFAULT_MIN_LAYER_KEEP = float(inspect.signature(BudgetCallback).parameters["min_layer_keep"].default)
-
-
-def feasible_min_layer_keep(backbone: nn.Module, sparsity: float, wanted: float = DEFAULT_MIN_LAYER_KEEP) -> float:
-    """``wanted`` (BudgetCallback's default floor share) halved until the per-layer floors fit in the budget."""
-    share = wanted
-    sizes = [getattr(module, name).numel() for module, name in prunable_params(backbone)]
-    budget = budget_count(sum(sizes), sparsity)
-    while share > 0 and sum(layer_floor(n, share) for n in sizes) > budget:
-        share = share / 2 if share > 1e-6 else 0.0
-    return share
 
 
 def oneshot_prune(backbone: nn.Module, sparsity: float) -> nn.Module:
@@ -234,13 +216,9 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
                 record("oneshot", s, oneshot_prune(model.backbone, s), dm, 0.0)
     for s in sparsities:
         if "lightning_prune" in methods:
-            floor = setup.args.min_layer_keep
-            if floor is None:
-                floor = feasible_min_layer_keep(setup.backbone(), s)
-            kwargs = {} if floor == DEFAULT_MIN_LAYER_KEEP else {"min_layer_keep": floor}
-            callback = BudgetCallback(sparsity=s, **kwargs)
+            callback = BudgetCallback(sparsity=s, min_layer_keep=setup.args.min_layer_keep)
             model, dm, seconds = train(setup, seed, [callback])
-            record("lightning_prune", s, model.backbone, dm, seconds, floor)
+            record("lightning_prune", s, model.backbone, dm, seconds, callback.min_layer_keep)
         if "modelpruning" in methods:
             epochs = setup.args.epochs
 
@@ -299,8 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-train-batches", type=float, default=1.0, help="Trainer(limit_train_batches=...)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-layer-keep", type=float, default=None,
-                   help="BudgetCallback(min_layer_keep=...), used as given (default: the callback's, halved where it "
-                   "cannot fit in the budget)")
+                   help="BudgetCallback(min_layer_keep=...) (default: the callback's: 1%%, at most half the keep share)")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for the whole run, recorded in the JSON (a guard against slow "
                         "subnormal arithmetic; a probe of a digits run at 0.98 found no subnormal latent, gradient or "

@@ -23,6 +23,9 @@ from lightning_prune.schedules import (
     temperature_at,
 )
 
+#: Share of each layer kept at least, unless the budget is too small for it (see ``BudgetCallback.min_layer_keep``).
+DEFAULT_MIN_LAYER_KEEP = 0.01
+
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf; raised before the optimizer step so the last checkpoint stays good."""
@@ -59,7 +62,8 @@ class BudgetCallback(Callback):
         target_end: share of training at which the target reaches the budget, in [target_start, 1].
         threshold: normalised threshold ``c`` of the masks.
         mode: ``"global"`` (one budget over all layers) or ``"layer"`` (each layer meets the share on its own).
-        min_layer_keep: share of each layer that is always kept (0 allows a layer to be emptied).
+        min_layer_keep: share of each layer that is always kept (0 allows a layer to be emptied). Default: 1%,
+            capped at half the budget's keep share so that the floors fit (0.5% at 99% sparsity).
         include: module-name patterns to prune (globs, or regexes prefixed ``re:``); default every Conv/Linear.
         exclude: module-name patterns to leave dense.
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
@@ -88,7 +92,7 @@ class BudgetCallback(Callback):
         target_end: float = 0.6,
         threshold: float = 1.0,
         mode: str = "global",
-        min_layer_keep: float = 0.01,
+        min_layer_keep: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         total_steps: int | None = None,
@@ -117,6 +121,8 @@ class BudgetCallback(Callback):
             f"need 0 <= target_start <= target_end <= 1 (shares of training), got {target_start} and {target_end}.",
         )
         _check(threshold > 0, f"threshold must be > 0, got {threshold}.")
+        if min_layer_keep is None:
+            min_layer_keep = min(DEFAULT_MIN_LAYER_KEEP, (1.0 - sparsity) / 2)
         _check(0 <= min_layer_keep <= 1, f"min_layer_keep is a share in [0, 1], got {min_layer_keep}.")
         _check(total_steps is None or total_steps > 0, f"total_steps must be > 0, got {total_steps}.")
         for arg, value in (("include", include), ("exclude", exclude)):

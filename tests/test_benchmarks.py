@@ -14,6 +14,8 @@ from dataclasses import fields
 import pytest
 import torch
 
+from lightning_prune import BudgetCallback
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -124,8 +126,8 @@ def test_accuracy_at_budget_smoke(accuracy, tmp_path):
         assert r["seed"] == "0"
         assert 0.0 <= float(r["test_acc"]) <= 1.0
         assert float(r["seconds"]) >= 0
-        assert float(r["min_layer_keep"]) == (accuracy.DEFAULT_MIN_LAYER_KEEP if r["method"] == "lightning_prune"
-                                               else 0.0)
+        expected_floor = BudgetCallback(sparsity=sparsity).min_layer_keep if r["method"] == "lightning_prune" else 0.0
+        assert float(r["min_layer_keep"]) == expected_floor
         if r["method"] == "dense":
             assert float(r["target_sparsity"]) == 0.0 and float(r["achieved_sparsity"]) < 0.01
         else:
@@ -146,24 +148,6 @@ def test_accuracy_at_budget_smoke(accuracy, tmp_path):
     assert len(report["runs"]) == len(runs) and len(report["summary"]) == len(summary)
     lp = next(s for s in report["summary"] if s["method"] == "lightning_prune")
     assert lp["sparsity_mean"] == pytest.approx(sparsity, abs=1e-3)
-
-
-def test_accuracy_floor_share_fits_the_budget(accuracy):
-    """At 99% sparsity BudgetCallback's default 1% per-layer floors (rounded up) exceed the 1% budget: halve them."""
-    from lightning_prune.backbones import Conv4
-    from lightning_prune.finalization import budget_count, layer_floor
-
-    backbone = Conv4(num_classes=10, in_channels=1, input_size=16)
-    sizes = [module.weight.numel() for module, _ in accuracy.prunable_params(backbone)]
-    default = accuracy.DEFAULT_MIN_LAYER_KEEP
-    for sparsity in (0.9, 0.95, 0.98, 0.99, 0.999):
-        share = accuracy.feasible_min_layer_keep(backbone, sparsity)
-        assert 0 <= share <= default
-        assert sum(layer_floor(n, share) for n in sizes) <= budget_count(sum(sizes), sparsity)
-        if sum(layer_floor(n, default) for n in sizes) <= budget_count(sum(sizes), sparsity):
-            assert share == default  # the callback's default is kept wherever it fits
-    assert accuracy.feasible_min_layer_keep(backbone, 0.9) == default
-    assert accuracy.feasible_min_layer_keep(backbone, 0.99) < default
 
 
 @pytest.mark.parametrize("epochs", [1, 5, 20])

@@ -4,8 +4,10 @@ import pytest
 import torch
 from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
-from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, pruned_layers
+from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, budget_count, pruned_layers
+from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.finalization import layer_floor
 
 
 @pytest.mark.parametrize(
@@ -117,3 +119,26 @@ def test_state_dict_round_trip_continues_schedules_exactly():
         a._apply_schedules(step)
         b._apply_schedules(step)
         assert (a.lam, a.temperature, a.target_keep) == (b.lam, b.temperature, b.target_keep)
+
+
+
+def _conv4_classifier() -> PrunedClassifier:
+    return PrunedClassifier(Conv4(num_classes=10, in_channels=1, input_size=16), num_classes=10)
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.98, 0.99, 0.995])
+def test_default_layer_floor_fits_any_budget(sparsity):
+    """1% of each layer, rounded up per layer, exceeds a 1% budget: the default floor is capped at half the keep share."""
+    model = _conv4_classifier()
+    callback = BudgetCallback(sparsity=sparsity)
+    assert callback.min_layer_keep == min(0.01, (1 - sparsity) / 2)
+    callback.setup(quiet_trainer(max_epochs=1), model, "fit")  # raises when the floors exceed the budget
+    sizes = [layer.numel for layer in pruned_layers(model)]
+    assert sum(layer_floor(n, callback.min_layer_keep) for n in sizes) <= budget_count(sum(sizes), sparsity)
+
+
+def test_an_explicit_floor_is_used_as_given():
+    callback = BudgetCallback(sparsity=0.99, min_layer_keep=0.01)
+    assert callback.min_layer_keep == 0.01
+    with pytest.raises(ValueError, match="lower min_layer_keep"):  # Conv4's 1% floors, rounded up, exceed 1%
+        callback.setup(quiet_trainer(max_epochs=1), _conv4_classifier(), "fit")
