@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -252,12 +253,18 @@ class BudgetCallback(Callback):
                 self._finalize(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.finalized or not self.finalize_on_fit_end:
+        if not self.finalize_on_fit_end:
             return
-        # fit stopped before the planned last step (early stopping, max_time): finalise now and rewrite `last`
-        self._finalize(trainer, pl_module)
+        if not self.finalized:  # fit stopped before the planned last step (early stopping, max_time)
+            self._finalize(trainer, pl_module)
+        # Lightning rewrites `last.ckpt` only in the steps where it saves a top-k checkpoint: with a `monitor` that
+        # stopped improving, `last` would hold an earlier, soft-masked network. Rewrite it with the finalised one.
+        # (ModelCheckpoint's own on_train_end runs after this one and writes `last` if it was never written.)
         for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.last_model_path:
+                if trainer.is_global_zero and os.path.islink(cb.last_model_path):
+                    os.remove(cb.last_model_path)  # save_last="link": replace the link, not the top-k file
+                trainer.strategy.barrier("lightning_prune.last_checkpoint")
                 trainer.save_checkpoint(cb.last_model_path)
 
     # ------------------------------------------------------------- state
