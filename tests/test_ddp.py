@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = WORKER.parent.parent
 SCENARIOS = ("fit", "nan_loss_rank1", "nan_latent_rank1")
-TIMEOUT_S = 120  # about 20 s on 2 cores; a rank left waiting for the other would hang until gloo's 30 min timeout
+# about 20 s on 2 cores, minutes on a loaded machine; without a limit, a rank left waiting for the other would hang
+# until gloo's 30 min timeout
+TIMEOUT_S = 300
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
