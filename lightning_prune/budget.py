@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -18,8 +20,14 @@ def soft_kept_shares(layers: list[PrunedLayer], grad_temperature: float | None =
     if not layers:
         raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
     sums = torch.stack([layer.mask.soft_gate(layer.latent, grad_temperature).float().sum() for layer in layers])
-    sizes = torch.tensor([layer.numel for layer in layers], dtype=sums.dtype, device=sums.device)
+    sizes = _sizes(tuple(layer.numel for layer in layers), sums.dtype, sums.device)
     return sums.sum() / sizes.sum(), sums / sizes
+
+
+@functools.lru_cache(maxsize=8)
+def _sizes(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    # built once per set of layers rather than every step (a host-to-device copy on an accelerator)
+    return torch.tensor(numels, dtype=dtype, device=device)
 
 
 #: Width of the quadratic zone of the budget penalty, as a relative gap ``kept/keep − 1``.

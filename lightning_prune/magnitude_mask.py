@@ -10,8 +10,8 @@ class _MaskedWeight(torch.autograd.Function):
     """w = θ·h(θ) with h = σ((|θ|/s − c)/T); the backward pass bounds dh/dθ by evaluating it at max(T, T_grad).
 
     Saving only θ (and recomputing h in backward) keeps the memory cost of the reparametrization at one tensor.
-    The elementwise passes over the weight reuse their buffers in place (one allocation forward): 5 passes forward,
-    8 to 11 backward (fewer while T ≥ T_grad on the CPU, where the two gates are the same).
+    The elementwise passes over the weight reuse their buffers in place (one allocation forward, two or three
+    backward): 5 passes forward, 7 to 10 backward (fewer while T ≥ T_grad on the CPU, where the two gates are the same).
     """
 
     @staticmethod
@@ -24,40 +24,49 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         magnitude = _wide(theta).abs()
-        gate = _gate_from_magnitude(magnitude, scale, threshold, temperature)
         t_b = torch.maximum(temperature, grad_temperature)
-        if _same_temperature(temperature, t_b):
-            gate_b = gate
-        else:
-            gate_b = _gate_from_magnitude(magnitude, scale, threshold, t_b)
-        # d(θ·h)/dθ = h + θ·h'(θ) = h + (|θ|/s)·h_b(1 − h_b)/T_b
-        slope = torch.addcmul(gate_b, gate_b, gate_b, value=-1.0).mul_(magnitude)  # |θ|·h_b(1 − h_b)
-        local = gate.addcmul_(slope, torch.reciprocal(scale * t_b))
+        same = _same_temperature(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
+        gate = None if same else _gate_from_magnitude(magnitude, scale, threshold, temperature)
+        scaled = magnitude.mul_(torch.reciprocal(scale * t_b))  # |θ|/(s·T_b): the gate's input and the slope's factor
+        gate_b = torch.sigmoid_(scaled - threshold / t_b)
+        gate = gate_b if same else gate
+        # d(θ·h)/dθ = h + θ·h'(θ) = h + (|θ|/(s·T_b))·h_b(1 − h_b)
+        local = gate.add_(_sigmoid_slope(scaled, gate_b))
         if local.dtype == grad_out.dtype and not grad_out.requires_grad:
             return local.mul_(grad_out), None, None, None, None
         return (grad_out * local).to(theta.dtype), None, None, None, None
 
 
 class _SoftGate(torch.autograd.Function):
-    """h(θ) = σ((|θ|/s − c)/T) with the same bounded surrogate gradient as :class:`_MaskedWeight`."""
+    """h(θ) = σ((|θ|/s − c)/T) with the same bounded surrogate gradient as :class:`_MaskedWeight`.
+
+    ``grad_temperature`` may be a float (the budget loss passes one: no tensor to build per layer and step).
+    """
 
     @staticmethod
-    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
-        ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+    def forward(
+        ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor | float
+    ):
+        if isinstance(grad_temperature, Tensor):
+            ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+        else:
+            ctx.save_for_backward(theta, scale, threshold, temperature)
+            ctx.grad_temperature = grad_temperature
         return _sigmoid_gate(theta, scale, threshold, temperature).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
-        t_b = torch.maximum(temperature, grad_temperature)
-        gate_b = _gate_from_magnitude(_wide(theta).abs(), scale, threshold, t_b, inplace=True)
+        theta, scale, threshold, temperature, *floor = ctx.saved_tensors
+        t_b = torch.maximum(temperature, floor[0]) if floor else torch.clamp_min(temperature, ctx.grad_temperature)
         coef = torch.reciprocal(scale * t_b)
+        gate_b = _gate_from_magnitude(_wide(theta).abs(), scale, threshold, t_b, inplace=True)
         if grad_out.dim() and all(stride == 0 for stride in grad_out.stride()):
             # the gradient of a sum is one value expanded: fold it into the scalar factor (one pass fewer)
             coef = coef * grad_out.as_strided((), ()).float()
             grad_out = None
-        # h_b(1 − h_b)·sign(θ)/(s·T_b)
-        grad = torch.addcmul(gate_b, gate_b, gate_b, value=-1.0).mul_(torch.sign(theta)).mul_(coef)
+        # h_b(1 − h_b)·sign(θ)/(s·T_b), in place in the gate's buffer: a second weight-sized buffer alive at the same
+        # time (sign(θ)) costs more on the CPU than the passes (fresh pages)
+        grad = _with_sign_of(gate_b.addcmul_(gate_b, gate_b, value=-1.0), theta).mul_(coef)
         if grad_out is not None:
             grad = grad * grad_out
         return grad.to(theta.dtype), None, None, None, None
@@ -77,6 +86,21 @@ def _gate_from_magnitude(
     factor = torch.reciprocal(scale * temperature)
     logit = magnitude.mul_(factor) if inplace else magnitude * factor
     return logit.sub_(threshold / temperature).sigmoid_()
+
+
+def _with_sign_of(x: Tensor, theta: Tensor) -> Tensor:
+    """x·sign(θ) for x ≥ 0, in place: copysign, then 0 where θ = ±0 as sign(0) = 0 (softshrink's backward at 0)."""
+    if _is_compiling():
+        return x * torch.sign(theta)
+    x.copysign_(theta)
+    return torch.ops.aten.softshrink_backward.grad_input(x, theta, 0.0, grad_input=x)
+
+
+def _sigmoid_slope(x: Tensor, gate: Tensor) -> Tensor:
+    """x·h(1 − h) from h = σ(·) in one pass, in place on ``x`` (sigmoid's own backward kernel)."""
+    if _is_compiling():
+        return torch.ops.aten.sigmoid_backward(x, gate)
+    return torch.ops.aten.sigmoid_backward.grad_input(x, gate, grad_input=x)
 
 
 def _same_temperature(temperature: Tensor, t_b: Tensor) -> bool:
@@ -170,9 +194,9 @@ class MagnitudeMask(nn.Module):
         ``grad_temperature`` unless given): a wider ``T_b`` lets the budget reach weights far from the threshold.
         """
         scale, threshold, temperature, floor = self._gate_args()
-        if grad_temperature is not None:
-            floor = torch.full_like(floor, grad_temperature)
-        return _SoftGate.apply(theta, scale, threshold, temperature, floor)
+        # a float goes straight through (no tensor built per layer and step)
+        floor_or_float = floor if grad_temperature is None else grad_temperature
+        return _SoftGate.apply(theta, scale, threshold, temperature, floor_or_float)
 
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation.
