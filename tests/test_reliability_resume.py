@@ -2,23 +2,14 @@
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from plain_modules import quiet_trainer, tiny_conv4
+from lightning.pytorch.callbacks import ModelCheckpoint
+from plain_modules import CrashAt, quiet_trainer, tiny_conv4
 from torch.utils.data import DataLoader
 
 from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, pruned_layers
 from lightning_prune.data import DigitsDataModule
 
 STEPS_PER_EPOCH = 10  # 1,258 training digits / 128
-
-
-class _Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 class _ResumableLoader(DataLoader):
@@ -67,7 +58,7 @@ def _fit(ckpt_dir, ckpt_path=None, crash_at=None, seed=0, stateful=True, max_epo
     )
     callbacks = [callback, checkpoint]
     if crash_at is not None:
-        callbacks.append(_Crash(crash_at))
+        callbacks.append(CrashAt(crash_at))
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, deterministic=True, enable_checkpointing=True)
     dm = (_ResumableDigits if stateful else DigitsDataModule)(image_size=8, batch_size=128)
     trainer.fit(model, dm, ckpt_path=ckpt_path)

@@ -1,19 +1,10 @@
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from plain_modules import quiet_trainer, tiny_conv4
+from lightning.pytorch.callbacks import ModelCheckpoint
+from plain_modules import CrashAt, quiet_trainer, tiny_conv4
 
 from lightning_prune import BudgetCallback, PrunedClassifier, pruned_layers
 from lightning_prune.data import DigitsDataModule
-
-
-class _Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def _fit(tmp_path, ckpt_path=None, crash_at=None, seed=0):
@@ -22,7 +13,7 @@ def _fit(tmp_path, ckpt_path=None, crash_at=None, seed=0):
     callback = BudgetCallback(sparsity=0.8)
     callbacks = [callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
     if crash_at is not None:
-        callbacks.append(_Crash(crash_at))
+        callbacks.append(CrashAt(crash_at))
     trainer = quiet_trainer(max_epochs=4, callbacks=callbacks, deterministic=True, enable_checkpointing=True)
     trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128), ckpt_path=ckpt_path)
     return model, callback
