@@ -8,9 +8,9 @@ Same backbone, data, epochs, optimizer (Adam, lr 1e-3) and seed for every method
   default is 1%, capped at half the keep share: 0.5% at ``s = 0.99``) is in each row's ``min_layer_keep``;
 * ``modelpruning``: ``lightning.pytorch.callbacks.ModelPruning("l1_unstructured", use_global_unstructured=True,
   make_pruning_permanent=True, use_lottery_ticket_hypothesis=False)`` on the same Conv/Linear weights, pruning at the
-  end of each epoch along the same cubic schedule as ours (sparsity ``s·(1 − (1 − r)³)``, ``r`` reaching 1 at 60% of
-  training). torch's global pruning removes a share of the weights *still unpruned*, so the amount passed at epoch
-  ``e`` is the increment ``1 − (1 − s_e)/(1 − s_{e−1})`` that brings the cumulative sparsity to ``s_e``;
+  end of each epoch along the same cubic schedule as ours (sparsity ``s·(1 − (1 − r)³)``, ``r`` reaching 1 where
+  ours does, at ``BudgetCallback``'s ``target_end``: 40% of training). torch's global pruning removes a share of the
+  weights *still unpruned*, so the amount passed at epoch ``e`` is the increment ``1 − (1 − s_e)/(1 − s_{e−1})`` that brings the cumulative sparsity to ``s_e``;
 * ``oneshot``: the trained ``dense`` network pruned once by global magnitude (``prune.global_unstructured``,
   L1) to ``s``, with no fine-tuning.
 
@@ -88,7 +88,11 @@ class Summary:
 
 
 # ------------------------------------------------------------------ schedule of the ModelPruning baseline
-def cumulative_sparsity(epoch: int, sparsity: float, epochs: int, end: float = 0.6) -> float:
+#: Where the gradual schedules end, as a share of training: BudgetCallback's default, so both methods prune alike.
+TARGET_END = BudgetCallback().target_end
+
+
+def cumulative_sparsity(epoch: int, sparsity: float, epochs: int, end: float = TARGET_END) -> float:
     """Sparsity after the pruning at the end of ``epoch`` (0-based): the cubic ramp of BudgetCallback's target."""
     r = min(1.0, (epoch + 1) / max(1e-9, end * epochs))
     return sparsity * (1.0 - (1.0 - r) ** 3)
@@ -97,7 +101,7 @@ def cumulative_sparsity(epoch: int, sparsity: float, epochs: int, end: float = 0
 class GradualAmount:
     """``amount(epoch)`` for ModelPruning: the share of the still-unpruned weights to remove at that epoch."""
 
-    def __init__(self, sparsity: float, epochs: int, end: float = 0.6) -> None:
+    def __init__(self, sparsity: float, epochs: int, end: float = TARGET_END) -> None:
         self.sparsity, self.epochs, self.end = sparsity, epochs, end
 
     def __call__(self, epoch: int) -> float:

@@ -63,7 +63,7 @@ from lightning_prune.backbones import VGG19, Conv4, ResNet18
 VARIANTS = ("dense", "reparam", "finalized", "modelpruning")
 MODELS = ("conv4", "vgg19", "resnet18")
 #: BudgetCallback defaults: the budget term's weight and surrogate temperature, and a target keep share mid-schedule.
-LAMBDA, BUDGET_GRAD_TEMPERATURE, KEEP = 3.0, 1.0, 0.5
+LAMBDA, BUDGET_GRAD_TEMPERATURE, KEEP = 5.0, 1.0, 0.5
 
 
 @dataclass

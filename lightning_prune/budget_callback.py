@@ -80,7 +80,7 @@ class BudgetCallback(Callback):
     def __init__(
         self,
         sparsity: float = 0.9,
-        lambda_max: float = 3.0,
+        lambda_max: float = 5.0,
         lambda_schedule: str = "linear",
         lambda_warmup: float = 0.1,
         temperature_start: float = 0.5,
@@ -90,7 +90,7 @@ class BudgetCallback(Callback):
         budget_grad_temperature: float = 1.0,
         target_schedule: str = "cubic",
         target_start: float = 0.0,
-        target_end: float = 0.6,
+        target_end: float = 0.4,
         threshold: float = 1.0,
         mode: str = "global",
         min_layer_keep: float | None = None,
