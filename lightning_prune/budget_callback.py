@@ -14,7 +14,13 @@ from torch import Tensor
 
 from lightning_prune.budget import BUDGET_MODES, budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
 from lightning_prune.finalization import budget_count, check_sparsity, finalize, layer_floor
-from lightning_prune.reparametrize import DEFAULT_LAYER_TYPES, PrunedLayer, pruned_layers, reparametrize
+from lightning_prune.reparametrize import (
+    DEFAULT_LAYER_TYPES,
+    PrunedLayer,
+    prunable_modules,
+    pruned_layers,
+    reparametrize,
+)
 from lightning_prune.schedules import (
     LAMBDA_SCHEDULES,
     TARGET_SCHEDULES,
@@ -165,7 +171,7 @@ class BudgetCallback(Callback):
         if stage != "fit" and not pruned_layers(pl_module):
             return  # validate/test/predict of a dense module: nothing to do
         if not pruned_layers(pl_module):
-            if not any(_prunable(module) for module in pl_module.modules()):
+            if not prunable_modules(pl_module):
                 kinds = ", ".join(t.__name__ for t in DEFAULT_LAYER_TYPES)
                 raise ValueError(
                     f"BudgetCallback: {type(pl_module).__name__} has no layer to prune (no {kinds} module with a "
@@ -241,7 +247,6 @@ class BudgetCallback(Callback):
         with torch.enable_grad():
             loss = budget_loss(self._layers, self.target_keep, self.mode, self.budget_grad_temperature)
             (self.lam * loss).backward()
-        self._last_budget_loss = loss.detach()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:
@@ -458,10 +463,6 @@ def _gather_ranks(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     rows = torch.zeros((trainer.world_size, *tensor.shape), dtype=torch.float32, device=tensor.device)
     rows[trainer.global_rank] = tensor.float()
     return trainer.strategy.reduce(rows, reduce_op="sum")
-
-
-def _prunable(module: torch.nn.Module) -> bool:
-    return isinstance(module, DEFAULT_LAYER_TYPES) and isinstance(getattr(module, "weight", None), Tensor)
 
 
 def _check(condition: bool, message: str) -> None:

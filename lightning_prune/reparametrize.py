@@ -61,6 +61,17 @@ def is_reparametrized(model: nn.Module) -> bool:
     return any(_mask_of(m) is not None for m in model.modules())
 
 
+def prunable_modules(
+    model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES
+) -> dict[str, nn.Module]:
+    """The modules of ``model`` that :func:`reparametrize` can prune: of ``layer_types``, with a tensor ``weight``."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, tuple(layer_types)) and isinstance(getattr(module, "weight", None), Tensor)
+    }
+
+
 def reparametrize(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -105,11 +116,7 @@ def reparametrize(
         >>> sum(p.numel() for p in model.parameters()) == before
         True
     """
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, tuple(layer_types)) and isinstance(getattr(module, "weight", None), Tensor)
-    }
+    candidates = prunable_modules(model, layer_types)
     if not candidates:
         kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(
