@@ -16,10 +16,11 @@ def soft_kept_shares(layers: list[PrunedLayer], grad_temperature: float | None =
     """Differentiable kept shares ``Σ h_T(θ) / N``: over all layers together, and per layer (a 1-D tensor).
 
     ``grad_temperature`` widens the surrogate gradient (see :meth:`MagnitudeMask.soft_gate`); the values are exact.
+    Each layer's count comes from its last training forward pass when θ has not changed since.
     """
     if not layers:
         raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
-    sums = torch.stack([layer.mask.soft_gate(layer.latent, grad_temperature).float().sum() for layer in layers])
+    sums = torch.stack([layer.mask.soft_kept_count(layer.latent, grad_temperature).float() for layer in layers])
     sizes = _sizes(tuple(layer.numel for layer in layers), sums.dtype, sums.device)
     return sums.sum() / sizes.sum(), sums / sizes
 

@@ -2,124 +2,101 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
+
+from lightning_prune.gate_kernels import (
+    gate_factors,
+    gate_grad,
+    gate_sum,
+    is_compiling,
+    masked_weight,
+    masked_weight_grad,
+    wide,
+)
 
 
 class _MaskedWeight(torch.autograd.Function):
     """w = θ·h(θ) with h = σ((|θ|/s − c)/T); the backward pass bounds dh/dθ by evaluating it at max(T, T_grad).
 
-    Saving only θ (and recomputing h in backward) keeps the memory cost of the reparametrization at one tensor.
-    The elementwise passes over the weight reuse their buffers in place (one allocation forward, two or three
-    backward): 5 passes forward, 7 to 10 backward (fewer while T ≥ T_grad on the CPU, where the two gates are the same).
+    Also returns Σh (not differentiable), which the budget loss reuses instead of computing the gates again. Only θ
+    is saved (h is recomputed in backward), so the memory cost of the reparametrization stays at one tensor.
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        gate = _sigmoid_gate(theta, scale, threshold, temperature)
-        return gate.mul_(theta) if gate.dtype == theta.dtype else theta * gate.to(theta.dtype)
+        weight, total = masked_weight(theta, scale, threshold, temperature)
+        ctx.mark_non_differentiable(total)
+        return weight, total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_total: Tensor | None):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
-        magnitude = _wide(theta).abs()
-        t_b = torch.maximum(temperature, grad_temperature)
-        same = _same_temperature(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
-        gate = None if same else _gate_from_magnitude(magnitude, scale, threshold, temperature)
-        scaled = magnitude.mul_(torch.reciprocal(scale * t_b))  # |θ|/(s·T_b): the gate's input and the slope's factor
-        gate_b = torch.sigmoid_(scaled - threshold / t_b)
-        gate = gate_b if same else gate
-        # d(θ·h)/dθ = h + θ·h'(θ) = h + (|θ|/(s·T_b))·h_b(1 − h_b)
-        local = gate.add_(_sigmoid_slope(scaled, gate_b))
-        if local.dtype == grad_out.dtype and not grad_out.requires_grad:
-            return local.mul_(grad_out), None, None, None, None
-        return (grad_out * local).to(theta.dtype), None, None, None, None
+        return masked_weight_grad(theta, grad_out, scale, threshold, temperature, grad_temperature), None, None, None, None
 
 
 class _SoftGate(torch.autograd.Function):
-    """h(θ) = σ((|θ|/s − c)/T) with the same bounded surrogate gradient as :class:`_MaskedWeight`.
-
-    ``grad_temperature`` may be a float (the budget loss passes one: no tensor to build per layer and step).
-    """
+    """h(θ) = σ((|θ|/s − c)/T) with the slope taken at ``T_b = max(T, grad_temperature)``."""
 
     @staticmethod
     def forward(
         ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor | float
     ):
-        if isinstance(grad_temperature, Tensor):
-            ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        else:
-            ctx.save_for_backward(theta, scale, threshold, temperature)
-            ctx.grad_temperature = grad_temperature
-        return _sigmoid_gate(theta, scale, threshold, temperature).to(theta.dtype)
+        _save_gate_inputs(ctx, theta, scale, threshold, temperature, grad_temperature)
+        factor, offset = gate_factors(scale, threshold, temperature)
+        return torch.sigmoid_(wide(theta).abs().mul_(factor).sub_(offset)).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        theta, scale, threshold, temperature, *floor = ctx.saved_tensors
-        t_b = torch.maximum(temperature, floor[0]) if floor else torch.clamp_min(temperature, ctx.grad_temperature)
-        coef = torch.reciprocal(scale * t_b)
-        gate_b = _gate_from_magnitude(_wide(theta).abs(), scale, threshold, t_b, inplace=True)
-        if grad_out.dim() and all(stride == 0 for stride in grad_out.stride()):
-            # the gradient of a sum is one value expanded: fold it into the scalar factor (one pass fewer)
-            coef = coef * grad_out.as_strided((), ()).float()
-            grad_out = None
-        # h_b(1 − h_b)·sign(θ)/(s·T_b), in place in the gate's buffer: a second weight-sized buffer alive at the same
-        # time (sign(θ)) costs more on the CPU than the passes (fresh pages)
-        grad = _with_sign_of(gate_b.addcmul_(gate_b, gate_b, value=-1.0), theta).mul_(coef)
-        if grad_out is not None:
-            grad = grad * grad_out
-        return grad.to(theta.dtype), None, None, None, None
+        theta, scale, threshold, t_b = _saved_gate_inputs(ctx)
+        return gate_grad(theta, scale, threshold, t_b) * grad_out, None, None, None, None
 
 
-def _wide(theta: Tensor) -> Tensor:
-    # the gate is computed in float32 (or wider) whatever the weight's dtype, so a half-precision weight cannot
-    # move a weight across the threshold through rounding
-    return theta.float() if theta.dtype in (torch.float16, torch.bfloat16) else theta
+class _SoftGateSum(torch.autograd.Function):
+    """Σh(θ), the soft kept count of a layer, with the same surrogate slope as :class:`_SoftGate`.
+
+    ``total`` is the sum already computed by the layer's forward pass for this θ and T (or None): the budget loss
+    then costs no pass over the weight in its forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        theta: Tensor,
+        scale: Tensor,
+        threshold: Tensor,
+        temperature: Tensor,
+        grad_temperature: Tensor | float,
+        total: Tensor | None,
+    ):
+        _save_gate_inputs(ctx, theta, scale, threshold, temperature, grad_temperature)
+        return total.clone() if total is not None else gate_sum(theta, scale, threshold, temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        theta, scale, threshold, t_b = _saved_gate_inputs(ctx)
+        return gate_grad(theta, scale, threshold, t_b, coef=grad_out), None, None, None, None, None
 
 
-def _gate_from_magnitude(
-    magnitude: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, inplace: bool = False
-) -> Tensor:
-    """σ((|θ|/s − c)/T) from |θ|, as σ(|θ|·(1/(s·T)) − c/T): the scalar factors are folded into two 0-d tensors
-    (no device synchronisation) and the remaining passes work in place (``inplace`` overwrites ``magnitude``)."""
-    factor = torch.reciprocal(scale * temperature)
-    logit = magnitude.mul_(factor) if inplace else magnitude * factor
-    return logit.sub_(threshold / temperature).sigmoid_()
+def _save_gate_inputs(
+    ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor | float
+) -> None:
+    # a float floor (the budget loss passes one) is kept as a float: no tensor built per layer and step
+    if isinstance(grad_temperature, Tensor):
+        ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+    else:
+        ctx.save_for_backward(theta, scale, threshold, temperature)
+        ctx.grad_temperature = grad_temperature
 
 
-def _with_sign_of(x: Tensor, theta: Tensor) -> Tensor:
-    """x·sign(θ) for x ≥ 0, in place: copysign, then 0 where θ = ±0 as sign(0) = 0 (softshrink's backward at 0)."""
-    if _is_compiling():
-        return x * torch.sign(theta)
-    x.copysign_(theta)
-    return torch.ops.aten.softshrink_backward.grad_input(x, theta, 0.0, grad_input=x)
-
-
-def _sigmoid_slope(x: Tensor, gate: Tensor) -> Tensor:
-    """x·h(1 − h) from h = σ(·) in one pass, in place on ``x`` (sigmoid's own backward kernel)."""
-    if _is_compiling():
-        return torch.ops.aten.sigmoid_backward(x, gate)
-    return torch.ops.aten.sigmoid_backward.grad_input(x, gate, grad_input=x)
-
-
-def _same_temperature(temperature: Tensor, t_b: Tensor) -> bool:
-    # only looked at on the CPU, where reading the value costs no device synchronisation, and not under
-    # torch.compile, where reading it would break the graph
-    return temperature.device.type == "cpu" and not _is_compiling() and bool(temperature == t_b)
-
-
-def _never() -> bool:
-    return False
-
-
-#: True while torch.compile (dynamo) traces the code (torch.compiler.is_compiling exists from torch 2.3 on).
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
-
-
-def _sigmoid_gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
-    """σ((|θ|/s − c)/T) in float32 or wider (the caller casts it to the weight's dtype)."""
-    return _gate_from_magnitude(_wide(theta).abs(), scale, threshold, temperature, inplace=True)
+def _saved_gate_inputs(ctx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """θ, s, c and the slope's temperature T_b = max(T, floor)."""
+    theta, scale, threshold, temperature, *floor = ctx.saved_tensors
+    t_b = torch.maximum(temperature, floor[0]) if floor else torch.clamp_min(temperature, ctx.grad_temperature)
+    return theta, scale, threshold, t_b
 
 
 class MagnitudeMask(nn.Module):
@@ -172,15 +149,20 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("hard", torch.tensor(False))
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
 
+        self._kept_count: tuple[tuple, Tensor] | None = None
+
     def forward(self, theta: Tensor) -> Tensor:
-        if _is_compiling():
+        if is_compiling():
             # no branch on a tensor under torch.compile (it would split the graph at every layer): both paths, and
             # the hard one selected by the flag (a buffer, so hardening needs no recompilation)
-            soft = _MaskedWeight.apply(theta, *self._gate_args())
+            soft, _ = _MaskedWeight.apply(theta, *self._gate_args())
             return torch.where(self.hard, self._masked(theta), soft)
         if self.hard:
             return self._masked(theta)
-        return _MaskedWeight.apply(theta, *self._gate_args())
+        weight, kept = _MaskedWeight.apply(theta, *self._gate_args())
+        if torch.is_grad_enabled():  # a training step: its budget loss reads the count instead of recomputing it
+            self._kept_count = (self._inputs_state(theta), kept)
+        return weight
 
     def _masked(self, theta: Tensor) -> Tensor:
         # θ ⊙ M as a select: autograd keeps only the boolean mask (a buffer) for the backward, where θ·M.float() would
@@ -198,13 +180,41 @@ class MagnitudeMask(nn.Module):
         floor_or_float = floor if grad_temperature is None else grad_temperature
         return _SoftGate.apply(theta, scale, threshold, temperature, floor_or_float)
 
+    def soft_kept_count(self, theta: Tensor, grad_temperature: float | None = None) -> Tensor:
+        """``Σ h_T(θ)`` (0-d, float32 or wider), differentiable with the surrogate slope of :meth:`soft_gate`.
+
+        The budget loss sums this. It reuses the count computed by the layer's last forward pass with gradients on,
+        when θ, ``s``, ``c`` and ``T`` are the same tensors at the same versions (no in-place change since).
+        """
+        scale, threshold, temperature, floor = self._gate_args()
+        floor_or_float = floor if grad_temperature is None else grad_temperature
+        return _SoftGateSum.apply(theta, scale, threshold, temperature, floor_or_float, self._cached_kept_count(theta))
+
+    def _inputs_state(self, theta: Tensor) -> tuple:
+        return tuple((weakref.ref(t), t._version) for t in (theta, self.scale, self.threshold, self.temperature))
+
+    def _cached_kept_count(self, theta: Tensor) -> Tensor | None:
+        if self._kept_count is None or is_compiling():
+            return None
+        state, kept = self._kept_count
+        current = (theta, self.scale, self.threshold, self.temperature)
+        if all(ref() is t and t._version == version for (ref, version), t in zip(state, current)):
+            return kept
+        return None
+
+    def __getstate__(self) -> dict:
+        # the cached count holds weak references, which cannot be pickled (torch.save(model), ddp_spawn)
+        state = self.__dict__.copy()
+        state["_kept_count"] = None
+        return state
+
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation.
 
         Computed in float32 (or wider) like the gates: with a bfloat16 ``θ`` the ratio would be rounded to bfloat16,
         which moves weights within 0.4% of the threshold onto or across it.
         """
-        return _wide(theta.detach()).abs() / self.scale
+        return wide(theta.detach()).abs() / self.scale
 
     def hard_gate(self, theta: Tensor) -> Tensor:
         """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""
@@ -218,6 +228,7 @@ class MagnitudeMask(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(self.mask.shape)}.")
         self.mask.copy_(mask.to(torch.bool))
         self.hard.fill_(True)
+        self._kept_count = None
 
     def _gate_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.scale, self.threshold, self.temperature, self.grad_temperature

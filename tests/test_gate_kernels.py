@@ -1,0 +1,103 @@
+"""The chunked CPU kernels of the soft gate give the same values and gradients as the plain formulas."""
+
+import pytest
+import torch
+
+from lightning_prune import MagnitudeMask, budget_loss, gate_kernels, pruned_layers, reparametrize
+from lightning_prune.magnitude_mask import _MaskedWeight
+
+
+def _reference_masked_weight(theta, scale, threshold, temperature, grad_temperature):
+    """θ·σ((|θ|/s − c)/T) with autograd, and the bounded gradient written out: h_T + (|θ|/(s·T_b))·h_b(1 − h_b)."""
+    gate = torch.sigmoid((theta.abs() / scale - threshold) / temperature)
+    t_b = max(temperature, grad_temperature)
+    gate_b = torch.sigmoid((theta.abs() / scale - threshold) / t_b)
+    local = gate + theta.abs() / (scale * t_b) * gate_b * (1 - gate_b)
+    return theta * gate, gate.sum(), local
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # 1000 elements per chunk: a 3x7x11x13 weight (3003 elements) takes 4 chunks, the last one partial
+    monkeypatch.setattr(gate_kernels, "CPU_CHUNK", 1000)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.02])  # above the gradient floor (one gate), below it (two)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_masked_weight_matches_the_formulas(small_chunks, temperature, layout):
+    torch.manual_seed(0)
+    theta = torch.randn(3, 7, 11, 13)
+    if layout == "channels_last":  # not chunked (not contiguous): the whole-tensor path
+        theta = theta.to(memory_format=torch.channels_last)
+    theta.requires_grad_(True)
+    args = [torch.tensor(v) for v in (0.8, 1.0, temperature, 0.1)]
+    grad_out = torch.randn(3, 7, 11, 13)
+    weight, kept = _MaskedWeight.apply(theta, *args)
+    (grad,) = torch.autograd.grad(weight, theta, grad_out)
+    ref_weight, ref_kept, local = _reference_masked_weight(theta.detach(), 0.8, 1.0, temperature, 0.1)
+    torch.testing.assert_close(weight, ref_weight)
+    torch.testing.assert_close(kept, ref_kept)
+    torch.testing.assert_close(grad, grad_out * local)
+
+
+def test_chunked_and_whole_tensor_budget_gradients_agree(monkeypatch):
+    def run(chunk):
+        monkeypatch.setattr(gate_kernels, "CPU_CHUNK", chunk)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(70, 100), torch.nn.Linear(100, 3))
+        reparametrize(model)
+        layers = pruned_layers(model)
+        model(torch.randn(4, 70)).square().sum().backward()
+        loss = budget_loss(layers, keep=0.3, grad_temperature=1.0)
+        loss.backward()
+        return loss.detach(), [layer.latent.grad.clone() for layer in layers]
+
+    whole_loss, whole_grads = run(1 << 30)
+    chunked_loss, chunked_grads = run(999)  # the 7000-weight layer in 8 chunks, the 300-weight one whole
+    torch.testing.assert_close(chunked_loss, whole_loss)
+    for chunked, whole in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(chunked, whole)
+
+
+def test_budget_reads_the_count_of_the_forward_pass(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    reparametrize(model)
+    (layer,) = pruned_layers(model)
+    expected = float(layer.mask.soft_gate(layer.latent.detach()).sum())
+    recomputed = []
+    real_gate_sum = gate_kernels.gate_sum
+
+    def counting_gate_sum(*args):
+        recomputed.append(1)
+        return real_gate_sum(*args)
+
+    monkeypatch.setattr("lightning_prune.magnitude_mask.gate_sum", counting_gate_sum)
+
+    def kept() -> float:
+        return float(layer.mask.soft_kept_count(layer.latent).detach())
+
+    model(torch.randn(2, 16))
+    assert kept() == pytest.approx(expected) and recomputed == []  # the forward's count
+
+    with torch.no_grad():
+        layer.latent.mul_(1.5)  # an optimizer step: θ changed in place
+    assert kept() == pytest.approx(float(layer.mask.soft_gate(layer.latent.detach()).sum())) and len(recomputed) == 1
+
+    model(torch.randn(2, 16))
+    layer.mask.temperature.fill_(0.05)  # the callback's schedule moved T
+    assert kept() == pytest.approx(float(layer.mask.soft_gate(layer.latent.detach()).sum())) and len(recomputed) == 2
+
+    with torch.no_grad():  # validation: no count kept, the stale one stays stale
+        model(torch.randn(2, 16))
+    kept()
+    assert len(recomputed) == 3
+
+
+def test_cached_count_is_not_carried_by_copies():
+    import copy
+
+    mask = MagnitudeMask((4, 4), scale=1.0)
+    mask(torch.randn(4, 4, requires_grad=True))
+    assert mask._kept_count is not None
+    assert copy.deepcopy(mask)._kept_count is None
