@@ -5,23 +5,25 @@ all of them alike):
 
 * ``dense``: the plain backbone;
 * ``reparam``: lightning_prune during training (soft masks), plus the budget term exactly as
-  ``BudgetCallback.on_before_optimizer_step`` adds it: ``(lam * budget_loss(layers, keep, "global", 1.0)).backward()``;
+  ``BudgetCallback.on_before_optimizer_step`` adds it: ``add_budget_gradient(layers, keep, "global", 1.0, weight=lam)``;
 * ``finalized``: after finalisation (hard masks, ``θ ⊙ M``; the callback adds no budget term any more);
 * ``modelpruning``: what Lightning's ``ModelPruning`` runs between its pruning events, i.e.
   ``torch.nn.utils.prune`` (forward pre-hook ``weight = weight_orig * weight_mask``) after
   ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=0.5)``.
 
 A step is forward, cross-entropy, backward, (budget term), ``optimizer.step()`` (SGD, momentum 0.9), timed with
-``time.perf_counter`` (after ``torch.cuda.synchronize`` on a GPU). Reported: the median over ``--steps`` steps after
-``--warmup`` steps, and the ratio to ``dense``.
+``time.perf_counter`` (after ``torch.cuda.synchronize`` on a GPU). The variants take turns: each round runs one step
+of every variant. Reported: the median step time over ``--steps`` rounds after ``--warmup`` rounds, and the time
+ratio to ``dense`` as the median over rounds of (variant's step / dense's step in the same round), so that a slow
+stretch of the machine cancels out of the ratio instead of landing on whichever variant it hit.
 
 Memory. On CUDA: ``torch.cuda.max_memory_allocated`` over one step, from a reset after the model, its gradients and
 the optimizer state exist. On CPU there is no allocator peak counter for torch tensors (tracemalloc does not see
 them), so the script *estimates* the peak as parameter + buffer + gradient + optimizer-state bytes plus the bytes of
 the tensors autograd saves for the backward during one forward (``torch.autograd.graph.saved_tensors_hooks``, each
-storage counted once, parameters and buffers not counted twice); for ``reparam`` the saved tensors of the budget
-graph are counted too when they exceed those of the forward. The estimate leaves out temporaries that live inside a
-single operation, so it is a lower bound that is the same kind of number for every variant.
+storage counted once, parameters and buffers not counted twice). The budget term of ``reparam`` builds no autograd
+graph. The estimate leaves out temporaries that live inside a single operation, so it is a lower bound that is the
+same kind of number for every variant.
 
 Usage::
 
@@ -57,7 +59,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lightning_prune
-from lightning_prune import budget_loss, finalize, pruned_layers, reparametrize
+from lightning_prune import add_budget_gradient, finalize, pruned_layers, reparametrize
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 
 VARIANTS = ("dense", "reparam", "finalized", "modelpruning")
@@ -122,7 +124,7 @@ class Variant:
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         if self.name == "reparam":  # BudgetCallback.on_before_optimizer_step
-            (LAMBDA * budget_loss(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE)).backward()
+            add_budget_gradient(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA)
         self.optimizer.step()
 
     # ------------------------------------------------------------- memory
@@ -135,33 +137,24 @@ class Variant:
         return total
 
     def saved_bytes(self, x: torch.Tensor, y: torch.Tensor, autocast: Callable) -> int:
-        """Bytes autograd keeps for the backward: one forward (and, for ``reparam``, the budget graph)."""
+        """Bytes autograd keeps for the backward of one forward (parameters and buffers not counted)."""
         own = {t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
-        peaks = []
-        for graph in ("forward", "budget"):
-            if graph == "budget" and self.name != "reparam":
-                continue
-            seen: set[int] = set()
-            counter = [0]
+        seen: set[int] = set()
+        counter = [0]
 
-            def pack(t: torch.Tensor, seen: set[int] = seen, counter: list[int] = counter) -> torch.Tensor:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr not in own and ptr not in seen:
-                    seen.add(ptr)
-                    counter[0] += storage.nbytes()
-                return t
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in own and ptr not in seen:
+                seen.add(ptr)
+                counter[0] += storage.nbytes()
+            return t
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                if graph == "forward":
-                    with autocast():
-                        out = F.cross_entropy(self.model(x), y)
-                else:
-                    out = budget_loss(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE)
-            del out
-            peaks.append(counter[0])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+            out = F.cross_entropy(self.model(x), y)
+        del out
         self.optimizer.zero_grad(set_to_none=True)
-        return max(peaks)
+        return counter[0]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -216,7 +209,6 @@ def measure(
             state = v.state_bytes()
             peaks[v.name] = state + v.saved_bytes(x, y, autocast)
     rows = []
-    dense_ms = statistics.median(times["dense"]) * 1e3
     for v in variants:
         ts = sorted(t * 1e3 for t in times[v.name])
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
@@ -232,7 +224,7 @@ def measure(
                 steps=steps,
                 median_ms=round(med, 3),
                 iqr_ms=round(q[2] - q[0], 3),
-                time_ratio=round(med / dense_ms, 4),
+                time_ratio=round(statistics.median(t / d for t, d in zip(times[v.name], times["dense"])), 4),
                 peak_mb=round(peaks[v.name] / 2**20, 2),
                 memory_ratio=round(peaks[v.name] / peaks["dense"], 4),
                 memory_kind="cuda.max_memory_allocated" if cuda else "estimate (state + saved tensors)",

@@ -3,7 +3,13 @@
 Implements "Weight Reparametrization for Budget-Aware Network Pruning" (Dupont, Sahbi, Michel, ICIP 2021).
 """
 
-from lightning_prune.budget import budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
+from lightning_prune.budget import (
+    add_budget_gradient,
+    budget_loss,
+    budget_penalty,
+    hard_kept_counts,
+    soft_kept_shares,
+)
 from lightning_prune.budget_callback import BudgetCallback, NonFiniteError
 from lightning_prune.export import load_pruned, make_permanent, save_pruned
 from lightning_prune.finalization import FinalizeResult, budget_count, finalize
@@ -30,6 +36,7 @@ __all__ = [
     "PrunedClassifier",
     "PrunedLayer",
     "PruningInspector",
+    "add_budget_gradient",
     "budget_count",
     "budget_loss",
     "budget_penalty",

@@ -7,6 +7,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.gate_kernels import add_gate_grad, gate_grad
 from lightning_prune.reparametrize import PrunedLayer, pruned_layers
 
 BUDGET_MODES = ("global", "layer")
@@ -20,9 +21,13 @@ def soft_kept_shares(layers: list[PrunedLayer], grad_temperature: float | None =
     """
     if not layers:
         raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
-    sums = torch.stack([layer.mask.soft_kept_count(layer.latent, grad_temperature).float() for layer in layers])
-    sizes = _sizes(tuple(layer.numel for layer in layers), sums.dtype, sums.device)
-    return sums.sum() / sizes.sum(), sums / sizes
+    counts = [layer.mask.soft_kept_count(layer.latent, grad_temperature).float() for layer in layers]
+    return _shares(torch.stack(counts), layers)
+
+
+def _shares(counts: Tensor, layers: list[PrunedLayer]) -> tuple[Tensor, Tensor]:
+    sizes = _sizes(tuple(layer.numel for layer in layers), counts.dtype, counts.device)
+    return counts.sum() / sizes.sum(), counts / sizes
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,12 +82,70 @@ def budget_loss(
         >>> bool(loss > 0) and model[0].parametrizations.weight.original.grad is not None
         True
     """
+    _check_budget(keep, mode)
+    layers = model if isinstance(model, list) else pruned_layers(model)
+    return _penalty(*soft_kept_shares(layers, grad_temperature), keep, mode)
+
+
+def add_budget_gradient(
+    model: nn.Module | list[PrunedLayer],
+    keep: float,
+    mode: str = "global",
+    grad_temperature: float | None = None,
+    weight: float = 1.0,
+) -> Tensor:
+    """Add ``weight · ∂budget_loss/∂θ`` to each latent weight's ``.grad`` in place; return the budget loss.
+
+    The same gradients as ``(weight * budget_loss(model, keep, mode, grad_temperature)).backward()``, computed
+    without an autograd graph over the weights: the soft kept counts come from the layers' last training forward
+    pass (when θ has not changed since), and each layer's gradient is added into ``.grad`` directly instead of
+    through a weight-sized gradient tensor. This is what :class:`~lightning_prune.BudgetCallback` runs once per
+    optimizer step. Tensor hooks registered on the latent weights do not see this gradient.
+
+    Example:
+        >>> import torch
+        >>> from lightning_prune import budget_loss, pruned_layers, reparametrize
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> _ = reparametrize(model)
+        >>> theta = pruned_layers(model)[0].latent
+        >>> loss = add_budget_gradient(model, keep=0.1, weight=2.0)
+        >>> direct = theta.grad.clone()
+        >>> theta.grad = None
+        >>> (2.0 * budget_loss(model, keep=0.1)).backward()
+        >>> torch.allclose(direct, theta.grad)
+        True
+    """
+    _check_budget(keep, mode)
+    layers = model if isinstance(model, list) else pruned_layers(model)
+    if not layers:
+        raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
+    with torch.no_grad():
+        counts = torch.stack([layer.mask.soft_kept_count(layer.latent).float() for layer in layers])
+    with torch.enable_grad():
+        counts.requires_grad_(True)
+        loss = _penalty(*_shares(counts, layers), keep, mode)
+        (coefs,) = torch.autograd.grad(loss * weight, counts)
+    with torch.no_grad():
+        for layer, coef in zip(layers, coefs):
+            mask, theta = layer.mask, layer.latent
+            if not theta.requires_grad:
+                continue
+            t_b = mask.slope_temperature(grad_temperature)
+            if theta.grad is None:
+                theta.grad = gate_grad(theta, mask.scale, mask.threshold, t_b, coef)
+            else:
+                add_gate_grad(theta.grad, theta, mask.scale, mask.threshold, t_b, coef)
+    return loss.detach()
+
+
+def _check_budget(keep: float, mode: str) -> None:
     if mode not in BUDGET_MODES:
         raise ValueError(f"budget mode must be one of {BUDGET_MODES}, got {mode!r}.")
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep share must be in (0, 1], got {keep}.")
-    layers = model if isinstance(model, list) else pruned_layers(model)
-    total, per_layer = soft_kept_shares(layers, grad_temperature)
+
+
+def _penalty(total: Tensor, per_layer: Tensor, keep: float, mode: str) -> Tensor:
     if mode == "global":
         return budget_penalty(total, keep)
     return budget_penalty(per_layer, keep).mean()

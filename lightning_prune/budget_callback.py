@@ -12,7 +12,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_prune.budget import BUDGET_MODES, budget_loss, budget_penalty, hard_kept_counts, soft_kept_shares
+from lightning_prune.budget import (
+    BUDGET_MODES,
+    add_budget_gradient,
+    budget_penalty,
+    hard_kept_counts,
+    soft_kept_shares,
+)
 from lightning_prune.finalization import budget_count, check_sparsity, finalize, layer_floor
 from lightning_prune.reparametrize import (
     DEFAULT_LAYER_TYPES,
@@ -244,9 +250,8 @@ class BudgetCallback(Callback):
             return
         if not any(id(p) in self._latent_ids for group in optimizer.param_groups for p in group["params"]):
             return
-        with torch.enable_grad():
-            loss = budget_loss(self._layers, self.target_keep, self.mode, self.budget_grad_temperature)
-            (self.lam * loss).backward()
+        # the gradient of (λ · budget_loss).backward(), added into θ.grad directly (see add_budget_gradient)
+        add_budget_gradient(self._layers, self.target_keep, self.mode, self.budget_grad_temperature, weight=self.lam)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:

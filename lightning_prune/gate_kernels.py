@@ -114,14 +114,38 @@ def gate_grad(
     slope_factor = factor if coef is None else factor * coef.float()
     if _chunked(theta):
         flat, out = theta.view(-1), torch.empty_like(theta)
+        gate_buf = torch.empty(min(flat.numel(), CPU_CHUNK), dtype=theta.dtype)
         for i, j in _spans(flat.numel()):
-            gate = _gate_into(flat[i:j], factor, offset, out.view(-1)[i:j])
-            _with_sign_of(gate.addcmul_(gate, gate, value=-1.0), flat[i:j]).mul_(slope_factor)
+            gate = _gate_into(flat[i:j], factor, offset, gate_buf[: j - i])
+            _signed_slope(flat[i:j], gate, out.view(-1)[i:j]).mul_(slope_factor)
         return out
     gate = _gate_into(wide(theta), factor, offset)
     # h(1 − h)·sign(θ)·factor in the gate's own buffer: a second weight-sized buffer (sign(θ)) costs more on the CPU
     # than the passes
     return _with_sign_of(gate.addcmul_(gate, gate, value=-1.0), theta).mul_(slope_factor).to(theta.dtype)
+
+
+def add_gate_grad(
+    grad: Tensor, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, coef: Tensor
+) -> None:
+    """``grad += coef · dh_T(θ)/dθ`` in place (``coef`` a 0-d tensor): :func:`gate_grad` without its output tensor."""
+    if not _chunked(theta, grad):
+        grad.add_(gate_grad(theta, scale, threshold, temperature, coef).to(grad.dtype))
+        return
+    factor, offset = gate_factors(scale, threshold, temperature)
+    slope_factor = factor * coef.float()
+    flat, grad_flat = theta.view(-1), grad.view(-1)
+    size = min(flat.numel(), CPU_CHUNK)
+    gate_buf, slope_buf = torch.empty(size, dtype=theta.dtype), torch.empty(size, dtype=theta.dtype)
+    for i, j in _spans(flat.numel()):
+        gate = _gate_into(flat[i:j], factor, offset, gate_buf[: j - i])
+        grad_flat[i:j].addcmul_(_signed_slope(flat[i:j], gate, slope_buf[: j - i]), slope_factor)
+
+
+def _signed_slope(theta: Tensor, gate: Tensor, out: Tensor) -> Tensor:
+    """``sign(θ)·h(1 − h)`` into ``out`` in two passes (sign, then sigmoid's own backward kernel)."""
+    signs = torch.sign(theta, out=out)
+    return torch.ops.aten.sigmoid_backward.grad_input(signs, gate, grad_input=signs)
 
 
 def _gate_into(theta: Tensor, factor: Tensor, offset: Tensor, out: Tensor | None = None) -> Tensor:

@@ -190,6 +190,13 @@ class MagnitudeMask(nn.Module):
         floor_or_float = floor if grad_temperature is None else grad_temperature
         return _SoftGateSum.apply(theta, scale, threshold, temperature, floor_or_float, self._cached_kept_count(theta))
 
+    def slope_temperature(self, grad_temperature: float | None = None) -> Tensor:
+        """``T_b = max(T, floor)``, the temperature at which the gradients take the gate's slope; the floor is
+        ``grad_temperature`` when given, else the mask's own."""
+        if grad_temperature is None:
+            return torch.maximum(self.temperature, self.grad_temperature)
+        return torch.clamp_min(self.temperature, grad_temperature)
+
     def _inputs_state(self, theta: Tensor) -> tuple:
         return tuple((weakref.ref(t), t._version) for t in (theta, self.scale, self.threshold, self.temperature))
 

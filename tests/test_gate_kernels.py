@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_prune import MagnitudeMask, budget_loss, gate_kernels, pruned_layers, reparametrize
+from lightning_prune import MagnitudeMask, add_budget_gradient, budget_loss, gate_kernels, pruned_layers, reparametrize
 from lightning_prune.magnitude_mask import _MaskedWeight
 
 
@@ -101,3 +101,40 @@ def test_cached_count_is_not_carried_by_copies():
     mask(torch.randn(4, 4, requires_grad=True))
     assert mask._kept_count is not None
     assert copy.deepcopy(mask)._kept_count is None
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+@pytest.mark.parametrize("chunk", [1 << 30, 999])
+@pytest.mark.parametrize("existing_grad", [True, False])
+def test_add_budget_gradient_equals_the_backward_of_the_budget_loss(monkeypatch, mode, chunk, existing_grad):
+    monkeypatch.setattr(gate_kernels, "CPU_CHUNK", chunk)
+
+    def model_and_layers():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(70, 100), torch.nn.Linear(100, 3))
+        reparametrize(model)
+        layers = pruned_layers(model)
+        layers[0].mask.temperature.fill_(0.05)  # below the floor: the value and the slope use different temperatures
+        if existing_grad:
+            model(torch.randn(4, 70)).square().sum().backward()
+        return model, layers
+
+    model, layers = model_and_layers()
+    expected_loss = budget_loss(layers, keep=0.3, mode=mode, grad_temperature=1.0)
+    (3.0 * expected_loss).backward()
+    expected = [layer.latent.grad.clone() for layer in layers]
+
+    model, layers = model_and_layers()
+    loss = add_budget_gradient(layers, keep=0.3, mode=mode, grad_temperature=1.0, weight=3.0)
+    torch.testing.assert_close(loss, expected_loss.detach())
+    for layer, grad in zip(layers, expected):
+        torch.testing.assert_close(layer.latent.grad, grad)
+
+
+def test_add_budget_gradient_skips_frozen_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    reparametrize(model)
+    frozen, trained = pruned_layers(model)
+    frozen.latent.requires_grad_(False)
+    add_budget_gradient(model, keep=0.2)
+    assert frozen.latent.grad is None and trained.latent.grad is not None
