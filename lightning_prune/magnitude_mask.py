@@ -170,7 +170,7 @@ class MagnitudeMask(nn.Module):
         return torch.where(self.mask, theta, theta.new_zeros(()))
 
     def soft_gate(self, theta: Tensor, grad_temperature: float | None = None) -> Tensor:
-        """``h_T(θ)`` in [0, 1], differentiable; the budget loss sums it.
+        """``h_T(θ)`` in [0, 1] elementwise, differentiable (the budget loss uses its sum, :meth:`soft_kept_count`).
 
         Its gradient is that of ``σ((|θ|/s − c)/T_b)`` with ``T_b = max(T, grad_temperature)`` (the mask's own
         ``grad_temperature`` unless given): a wider ``T_b`` lets the budget reach weights far from the threshold.
