@@ -1,10 +1,18 @@
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
-from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, budget_count, pruned_layers
+from lightning_prune import (
+    BudgetCallback,
+    NonFiniteError,
+    PrunedClassifier,
+    budget_count,
+    budget_penalty,
+    pruned_layers,
+)
 from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.finalization import layer_floor
@@ -142,3 +150,53 @@ def test_an_explicit_floor_is_used_as_given():
     assert callback.min_layer_keep == 0.01
     with pytest.raises(ValueError, match="lower min_layer_keep"):  # Conv4's 1% floors, rounded up, exceed 1%
         callback.setup(quiet_trainer(max_epochs=1), _conv4_classifier(), "fit")
+
+
+class _BudgetGradientProbe(pl.Callback):
+    """Records θ.grad before and after BudgetCallback's hook and the gradient autograd gives for λ·budget_loss."""
+
+    def __init__(self, budget: BudgetCallback) -> None:
+        self.budget, self.before, self.checked = budget, None, 0
+
+    def snapshot(self, pl_module) -> None:
+        self.before = [layer.latent.grad.clone() for layer in pruned_layers(pl_module)]
+
+    def check(self, pl_module) -> None:
+        layers = pruned_layers(pl_module)
+        added = [layer.latent.grad - before for layer, before in zip(layers, self.before)]
+        # the reference: the gates recomputed from θ (no count cache) and differentiated by autograd
+        thetas = [layer.latent.detach().clone().requires_grad_(True) for layer in layers]
+        kept = sum(layer.mask.soft_gate(t, self.budget.budget_grad_temperature).sum() for layer, t in zip(layers, thetas))
+        loss = self.budget.lam * budget_penalty(kept / sum(layer.numel for layer in layers), self.budget.target_keep)
+        for got, expected in zip(added, torch.autograd.grad(loss, thetas)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+        self.checked += 1
+
+
+class _Before(pl.Callback):
+    def __init__(self, probe: _BudgetGradientProbe) -> None:
+        self.probe = probe
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.probe.snapshot(pl_module)
+
+
+class _After(pl.Callback):
+    def __init__(self, probe: _BudgetGradientProbe) -> None:
+        self.probe = probe
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.probe.check(pl_module)
+
+
+def test_budget_gradient_in_the_loop_matches_autograd_with_gradient_accumulation():
+    """Two micro-batches per optimizer step: the callback adds λ·∂L_budget/∂θ once, from the forward's kept counts."""
+    torch.manual_seed(0)
+    model = PlainClassifier()
+    budget = BudgetCallback(sparsity=0.8, lambda_warmup=0.0)
+    probe = _BudgetGradientProbe(budget)
+    trainer = quiet_trainer(
+        max_steps=4, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[_Before(probe), budget, _After(probe)]
+    )
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
+    assert probe.checked == 4
