@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import logging
 import math
 import os
@@ -52,6 +50,7 @@ from dataclasses import asdict, dataclass
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelPruning
+from result_files import write_csv, write_json
 from torch import nn
 from torch.nn.utils import prune
 
@@ -323,14 +322,10 @@ def main(argv: Sequence[str] | None = None) -> list[Summary]:
     print(format_table(summary))
     print(f"\ntotal {time.perf_counter() - start:.0f} s for {len(args.seeds)} seed(s), {args.epochs} epoch(s)")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(runs[0])))
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in runs)
+        write_csv(args.csv, runs)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "runs": [asdict(r) for r in runs],
-                       "summary": [asdict(s) for s in summary]}, f, indent=2)
+        write_json(args.json, {"environment": env, "args": vars(args), "runs": [asdict(r) for r in runs],
+                               "summary": [asdict(s) for s in summary]})
     return summary
 
 

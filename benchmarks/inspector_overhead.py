@@ -13,7 +13,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from result_files import write_json
 
 from lightning_prune import BudgetCallback, PrunedClassifier, PruningInspector
 from lightning_prune.backbones import Conv4
@@ -78,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     result = {name: seconds for name, seconds in medians.items()}
     result.update({f"ratio {name}": seconds / base for name, seconds in medians.items()})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import math
 import platform
 import statistics
@@ -55,6 +53,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from result_files import write_csv, write_json
 from torch import nn
 from torch.nn.utils import prune
 
@@ -376,14 +375,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print("goals (reparam <= 1.10x dense on CPU, <= 1.05x on GPU; memory <= 1.25x): "
           + ("met" if not misses else "MISSED: " + "; ".join(misses)))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in rows)
+        write_csv(args.csv, rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "rows": [asdict(r) for r in rows],
-                       "goals_missed": misses}, f, indent=2)
+        write_json(args.json, {"environment": env, "args": vars(args), "rows": [asdict(r) for r in rows],
+                               "goals_missed": misses})
     assert all(math.isfinite(r.time_ratio) and r.time_ratio > 0 for r in rows)
     return rows
 

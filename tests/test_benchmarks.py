@@ -17,6 +17,8 @@ import torch
 from lightning_prune import BudgetCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the scripts import their shared helpers (result_files.py) from their own folder, as when they run directly
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def _load(name: str):
