@@ -19,10 +19,14 @@ def soft_kept_shares(layers: list[PrunedLayer], grad_temperature: float | None =
     ``grad_temperature`` widens the surrogate gradient (see :meth:`MagnitudeMask.soft_gate`); the values are exact.
     Each layer's count comes from its last training forward pass when θ has not changed since.
     """
+    return _shares(_kept_counts(layers, grad_temperature), layers)
+
+
+def _kept_counts(layers: list[PrunedLayer], grad_temperature: float | None = None) -> Tensor:
+    """The soft kept count of each layer (1-D, float32), differentiable unless gradients are off."""
     if not layers:
         raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
-    counts = [layer.mask.soft_kept_count(layer.latent, grad_temperature).float() for layer in layers]
-    return _shares(torch.stack(counts), layers)
+    return torch.stack([layer.mask.soft_kept_count(layer.latent, grad_temperature).float() for layer in layers])
 
 
 def _shares(counts: Tensor, layers: list[PrunedLayer]) -> tuple[Tensor, Tensor]:
@@ -117,10 +121,8 @@ def add_budget_gradient(
     """
     _check_budget(keep, mode)
     layers = model if isinstance(model, list) else pruned_layers(model)
-    if not layers:
-        raise ValueError("No reparametrized layer: call lightning_prune.reparametrize(model) first.")
     with torch.no_grad():
-        counts = torch.stack([layer.mask.soft_kept_count(layer.latent).float() for layer in layers])
+        counts = _kept_counts(layers)
     with torch.enable_grad():
         counts.requires_grad_(True)
         loss = _penalty(*_shares(counts, layers), keep, mode)

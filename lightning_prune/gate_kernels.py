@@ -39,6 +39,16 @@ def gate_factors(scale: Tensor, threshold: Tensor, temperature: Tensor) -> tuple
     return torch.reciprocal(scale * temperature), threshold / temperature
 
 
+def slope_temperature(temperature: Tensor, floor: Tensor | float) -> Tensor:
+    """``T_b = max(T, floor)``: the temperature at which the gradients take the gate's slope."""
+    return torch.maximum(temperature, floor) if isinstance(floor, Tensor) else torch.clamp_min(temperature, floor)
+
+
+def gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
+    """``h_T(θ)`` elementwise (float32 or wider, a new tensor)."""
+    return _gate_into(wide(theta), *gate_factors(scale, threshold, temperature))
+
+
 def masked_weight(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
     """``θ ⊙ h_T(θ)`` and ``Σ h_T(θ)`` (float32 or wider, 0-d): the reparametrized weight and its soft kept count."""
     factor, offset = gate_factors(scale, threshold, temperature)
@@ -63,7 +73,7 @@ def masked_weight_grad(
     ``d(θ·h)/dθ = h + θ·h' = h_T + (|θ|/(s·T_b))·h_b(1 − h_b)``: bounded by ``1 + (|θ|/s)/(4·T_b)`` however small
     ``T`` gets.
     """
-    t_b = torch.maximum(temperature, grad_temperature)
+    t_b = slope_temperature(temperature, grad_temperature)
     same = _same_value(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
     factor_b, offset_b = gate_factors(scale, threshold, t_b)
     factor, offset = (factor_b, offset_b) if same else gate_factors(scale, threshold, temperature)

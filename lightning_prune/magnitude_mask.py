@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.gate_kernels import (
-    gate_factors,
+    gate,
     gate_grad,
     gate_sum,
     is_compiling,
     masked_weight,
     masked_weight_grad,
+    slope_temperature,
     wide,
 )
 
@@ -46,8 +47,7 @@ class _SoftGate(torch.autograd.Function):
         ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor | float
     ):
         _save_gate_inputs(ctx, theta, scale, threshold, temperature, grad_temperature)
-        factor, offset = gate_factors(scale, threshold, temperature)
-        return torch.sigmoid_(wide(theta).abs().mul_(factor).sub_(offset)).to(theta.dtype)
+        return gate(theta, scale, threshold, temperature).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -95,8 +95,7 @@ def _save_gate_inputs(
 def _saved_gate_inputs(ctx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """θ, s, c and the slope's temperature T_b = max(T, floor)."""
     theta, scale, threshold, temperature, *floor = ctx.saved_tensors
-    t_b = torch.maximum(temperature, floor[0]) if floor else torch.clamp_min(temperature, ctx.grad_temperature)
-    return theta, scale, threshold, t_b
+    return theta, scale, threshold, slope_temperature(temperature, floor[0] if floor else ctx.grad_temperature)
 
 
 class MagnitudeMask(nn.Module):
@@ -193,9 +192,8 @@ class MagnitudeMask(nn.Module):
     def slope_temperature(self, grad_temperature: float | None = None) -> Tensor:
         """``T_b = max(T, floor)``, the temperature at which the gradients take the gate's slope; the floor is
         ``grad_temperature`` when given, else the mask's own."""
-        if grad_temperature is None:
-            return torch.maximum(self.temperature, self.grad_temperature)
-        return torch.clamp_min(self.temperature, grad_temperature)
+        floor = self.grad_temperature if grad_temperature is None else grad_temperature
+        return slope_temperature(self.temperature, floor)
 
     def _inputs_state(self, theta: Tensor) -> tuple:
         return tuple((weakref.ref(t), t._version) for t in (theta, self.scale, self.threshold, self.temperature))
