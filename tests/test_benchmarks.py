@@ -164,3 +164,24 @@ def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
         kept *= 1.0 - step
         assert 1.0 - kept == pytest.approx(accuracy.cumulative_sparsity(epoch, sparsity, epochs), abs=1e-12)
     assert 1.0 - kept == pytest.approx(sparsity, abs=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------- step_phases.py
+def test_step_phases_smoke(tmp_path):
+    phases = _load("step_phases")
+    json_path = tmp_path / "phases.json"
+    report = phases.main(["--model", "conv4", "--width-scale", "0.125", "--batch-size", "4", "--rounds", "2",
+                          "--warmup", "1", "--threads", "1", "--json", str(json_path)])
+    rows = {r["phase"]: r for r in report["phases"]}
+    assert list(rows) == [*phases.PHASES, "total"]
+    assert rows["budget"]["dense_ms"] == 0.0 and rows["budget"]["reparam_ms"] > 0  # only reparam has a budget term
+    assert all(math.isfinite(r["extra_ms"]) and r["dense_ms"] >= 0 for r in rows.values())
+    assert json.loads(json_path.read_text())["phases"] == report["phases"]
+
+
+@pytest.mark.slow
+def test_step_phases_kernel_probe_compiles_and_times_both():
+    probe = _load("step_phases").kernel_probe("conv4", width_scale=0.125, repeats=3)
+    assert probe["weights"] == 32 * 1024  # Conv4 at width 8, hidden 32: the first Linear is the largest weight
+    assert all(probe[k] > 0 for k in ("eager_forward_ms", "compiled_forward_ms", "eager_backward_ms",
+                                      "compiled_backward_ms"))
