@@ -4,8 +4,11 @@ Variants, built from one initialisation of each backbone and timed round-robin i
 all of them alike):
 
 * ``dense``: the plain backbone;
-* ``reparam``: lightning_prune during training (soft masks), plus the budget term exactly as
-  ``BudgetCallback.on_before_optimizer_step`` adds it: ``add_budget_gradient(layers, keep, "global", 1.0, weight=lam)``;
+* ``reparam``: lightning_prune during training (soft masks), plus the budget term exactly as ``BudgetCallback``
+  adds it without gradient accumulation: ``add_budget_gradient(layers, keep, "global", 1.0, weight=lam,
+  in_backward=True)`` before ``backward()`` (the backward pass adds it) and ``flush_budget_gradient(layers)`` after;
+  ``--budget-pass separate`` adds it after ``backward()`` in a pass of its own instead, as the callback does with
+  gradient accumulation or 16-bit mixed precision;
 * ``finalized``: after finalisation (hard masks, ``θ ⊙ M``; the callback adds no budget term any more);
 * ``modelpruning``: what Lightning's ``ModelPruning`` runs between its pruning events, i.e.
   ``torch.nn.utils.prune`` (forward pre-hook ``weight = weight_orig * weight_mask``) after
@@ -58,13 +61,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lightning_prune
-from lightning_prune import add_budget_gradient, finalize, pruned_layers, reparametrize
+from lightning_prune import add_budget_gradient, finalize, flush_budget_gradient, pruned_layers, reparametrize
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 
 VARIANTS = ("dense", "reparam", "finalized", "modelpruning")
 MODELS = ("conv4", "vgg19", "resnet18")
 #: BudgetCallback defaults: the budget term's weight and surrogate temperature, and a target keep share mid-schedule.
 LAMBDA, BUDGET_GRAD_TEMPERATURE, KEEP = 5.0, 1.0, 0.5
+BUDGET_PASSES = ("backward", "separate")
 
 
 @dataclass
@@ -103,8 +107,8 @@ def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
 class Variant:
     """One model + optimizer + the extra work its training step does."""
 
-    def __init__(self, name: str, dense: nn.Module, device: torch.device) -> None:
-        self.name = name
+    def __init__(self, name: str, dense: nn.Module, device: torch.device, budget_pass: str = "backward") -> None:
+        self.name, self.budget_pass = name, budget_pass
         model = copy.deepcopy(dense)
         self.layers = []
         if name in ("reparam", "finalized"):
@@ -121,9 +125,14 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = F.cross_entropy(self.model(x), y)
+        if self.name == "reparam" and self.budget_pass == "backward":  # BudgetCallback.on_before_backward
+            add_budget_gradient(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA, in_backward=True)
         loss.backward()
         if self.name == "reparam":  # BudgetCallback.on_before_optimizer_step
-            add_budget_gradient(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA)
+            if self.budget_pass == "backward":
+                flush_budget_gradient(self.layers)
+            else:
+                add_budget_gradient(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA)
         self.optimizer.step()
 
     # ------------------------------------------------------------- memory
@@ -170,10 +179,11 @@ def measure(
     width_scale: float,
     threads: int,
     seed: int = 0,
+    budget_pass: str = "backward",
 ) -> list[Row]:
     torch.manual_seed(seed)
     dense = build_backbone(model_name, width_scale)
-    variants = [Variant(name, dense, device) for name in VARIANTS]
+    variants = [Variant(name, dense, device, budget_pass) for name in VARIANTS]
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     if precision == "bf16":
@@ -313,6 +323,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="auto: CPU always, and CUDA too when a GPU is present")
     parser.add_argument("--width-scale", type=float, default=1.0, help="scale the channels (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-pass", choices=BUDGET_PASSES, default="backward",
+                        help="reparam's budget gradient: added by the backward pass (BudgetCallback's default) or in "
+                             "a separate pass after it (the callback with gradient accumulation or 16-mixed)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators of one dense and one reparam step per model")
     parser.add_argument("--csv", default=None)
@@ -356,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     for device, precision, batch in runs:
         for name in args.models:
             steps, warmup = plan[name]
-            rows += measure(name, device, precision, batch, steps, warmup, args.width_scale, threads, args.seed)
+            rows += measure(name, device, precision, batch, steps, warmup, args.width_scale, threads, args.seed,
+                            args.budget_pass)
             print(format_table([r for r in rows if (r.model, r.device, r.precision) == (name, device.type,
                                                                                             precision)]), flush=True)
     if args.profile:

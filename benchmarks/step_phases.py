@@ -1,8 +1,10 @@
 """Where the reparametrization's step time goes: each phase of a training step, reparam against dense.
 
 The dense backbone and the reparametrized one take turns, one step each per round, as in ``step_cost.py``. Each step
-is split into phases: ``zero_grad``, ``forward`` (with the loss), ``backward``, ``budget`` (``add_budget_gradient``,
-as ``BudgetCallback`` runs it; reparam only) and ``optimizer`` (SGD step). For each phase the script prints the
+is split into phases: ``zero_grad``, ``forward`` (with the loss), ``backward``, ``budget`` (reparam only: what
+``BudgetCallback`` runs around the backward pass, ``add_budget_gradient(..., in_backward=True)`` before it and
+``flush_budget_gradient`` after it; the gradient itself is then computed inside ``backward``; with ``--budget-pass
+separate``, ``add_budget_gradient`` after the backward pass) and ``optimizer`` (SGD step). For each phase the script prints the
 median wall time of both variants, their difference, and the median number of minor page faults
 (``resource.getrusage``, Linux/macOS): fresh weight-sized buffers show up there.
 
@@ -28,9 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from result_files import write_json
-from step_cost import MODELS, Variant, build_backbone
+from step_cost import BUDGET_PASSES, MODELS, Variant, build_backbone
 
-from lightning_prune import add_budget_gradient
+from lightning_prune import add_budget_gradient, flush_budget_gradient
 from lightning_prune.gate_kernels import masked_weight, masked_weight_grad
 
 try:
@@ -49,35 +51,46 @@ def _faults() -> int:
 
 def timed_step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[float, int]]:
     """One training step of ``variant``: ``{phase: (seconds, minor page faults)}``."""
-    out: dict[str, tuple[float, int]] = {}
+    out = {phase: (0.0, 0) for phase in PHASES}
     state: dict[str, torch.Tensor] = {}
+    reparam, in_backward = variant.name == "reparam", variant.budget_pass == "backward"
 
     def forward() -> None:
         state["loss"] = F.cross_entropy(variant.model(x), y)
 
+    def request() -> None:  # BudgetCallback.on_before_backward
+        if reparam and in_backward:
+            add_budget_gradient(variant.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, LAMBDA, in_backward=True)
+
     def budget() -> None:  # BudgetCallback.on_before_optimizer_step
-        if variant.name == "reparam":
+        if reparam and in_backward:
+            flush_budget_gradient(variant.layers)
+        elif reparam:
             add_budget_gradient(variant.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA)
 
-    work: dict[str, Callable[[], object]] = {
-        "zero_grad": lambda: variant.optimizer.zero_grad(set_to_none=True),
-        "forward": forward,
-        "backward": lambda: state.pop("loss").backward(),
-        "budget": budget,
-        "optimizer": variant.optimizer.step,
-    }
-    for phase in PHASES:
+    work: list[tuple[str, Callable[[], object]]] = [
+        ("zero_grad", lambda: variant.optimizer.zero_grad(set_to_none=True)),
+        ("forward", forward),
+        ("budget", request),
+        ("backward", lambda: state.pop("loss").backward()),
+        ("budget", budget),
+        ("optimizer", variant.optimizer.step),
+    ]
+    for phase, fn in work:
         faults, start = _faults(), time.perf_counter()
-        work[phase]()
-        out[phase] = (time.perf_counter() - start, _faults() - faults)
+        fn()
+        seconds, count = out[phase]
+        out[phase] = (seconds + time.perf_counter() - start, count + _faults() - faults)
     return out
 
 
-def measure_phases(model_name: str, rounds: int, warmup: int, batch_size: int, width_scale: float) -> list[dict]:
+def measure_phases(
+    model_name: str, rounds: int, warmup: int, batch_size: int, width_scale: float, budget_pass: str = "backward"
+) -> list[dict]:
     """Rows ``{phase, dense_ms, reparam_ms, extra_ms, dense_faults, reparam_faults}``, plus a ``total`` row."""
     torch.manual_seed(0)
     dense = build_backbone(model_name, width_scale)
-    variants = [Variant(name, dense, torch.device("cpu")) for name in ("dense", "reparam")]
+    variants = [Variant(name, dense, torch.device("cpu"), budget_pass) for name in ("dense", "reparam")]
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     samples: dict[str, dict[str, list[tuple[float, int]]]] = {v.name: {p: [] for p in PHASES} for v in variants}
     for i in range(warmup + rounds):
@@ -158,6 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width-scale", type=float, default=1.0, help="channels x this (tests use small models)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--budget-pass", choices=BUDGET_PASSES, default="backward",
+                        help="the budget gradient added by the backward pass (the callback's default) or after it")
     parser.add_argument("--kernel-probe", action="store_true", help="also time eager against compiled gate kernels")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -171,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"{args.model}, CPU, batch {args.batch_size}, torch.get_num_threads() = {torch.get_num_threads()}, "
-          f"{args.rounds} rounds; page faults from {'getrusage' if resource else 'nothing (not counted here)'}")
-    rows = measure_phases(args.model, args.rounds, args.warmup, args.batch_size, args.width_scale)
+          f"{args.rounds} rounds, budget gradient {args.budget_pass}; page faults from {'getrusage' if resource else 'nothing (not counted here)'}")
+    rows = measure_phases(args.model, args.rounds, args.warmup, args.batch_size, args.width_scale, args.budget_pass)
     print("| phase | dense ms | reparam ms | reparam − dense ms | dense faults | reparam faults |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -7,6 +7,7 @@ from lightning_prune.budget import (
     add_budget_gradient,
     budget_loss,
     budget_penalty,
+    flush_budget_gradient,
     hard_kept_counts,
     soft_kept_shares,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "budget_loss",
     "budget_penalty",
     "finalize",
+    "flush_budget_gradient",
     "hard_kept_counts",
     "is_reparametrized",
     "load_pruned",

@@ -97,14 +97,21 @@ def add_budget_gradient(
     mode: str = "global",
     grad_temperature: float | None = None,
     weight: float = 1.0,
+    in_backward: bool = False,
 ) -> Tensor:
     """Add ``weight · ∂budget_loss/∂θ`` to each latent weight's ``.grad`` in place; return the budget loss.
 
     The same gradients as ``(weight * budget_loss(model, keep, mode, grad_temperature)).backward()``, computed
     without an autograd graph over the weights: the soft kept counts come from the layers' last training forward
     pass (when θ has not changed since), and each layer's gradient is added into ``.grad`` directly instead of
-    through a weight-sized gradient tensor. This is what :class:`~lightning_prune.BudgetCallback` runs once per
-    optimizer step. Tensor hooks registered on the latent weights do not see this gradient.
+    through a weight-sized gradient tensor. Tensor hooks registered on the latent weights do not see this gradient.
+
+    With ``in_backward=True`` the gradients are not added now: each layer's next backward pass adds its share to the
+    gradient it computes for θ, in the same pass over the weight (θ is read once per step instead of twice). Call it
+    between the forward pass and ``backward()``, then :func:`flush_budget_gradient` after ``backward()`` for the
+    layers that pass did not reach. This is what :class:`~lightning_prune.BudgetCallback` does in each optimizer
+    step, unless it accumulates gradients, scales the loss (16-bit mixed precision) or optimizes manually: then it
+    adds the gradient before the optimizer step with ``in_backward=False``.
 
     Example:
         >>> import torch
@@ -118,6 +125,15 @@ def add_budget_gradient(
         >>> (2.0 * budget_loss(model, keep=0.1)).backward()
         >>> torch.allclose(direct, theta.grad)
         True
+        >>> theta.grad = None
+        >>> x = torch.randn(8, 64)
+        >>> _ = add_budget_gradient(model, keep=0.1, weight=2.0, in_backward=True)
+        >>> model(x).sum().backward()  # the task's gradient and the budget's, in one pass over θ
+        >>> flush_budget_gradient(model)  # layers that backward pass did not reach
+        0
+        >>> task = torch.autograd.grad(model(x).sum(), theta)[0]
+        >>> torch.allclose(theta.grad - task, direct, atol=1e-6)
+        True
     """
     _check_budget(keep, mode)
     layers = model if isinstance(model, list) else pruned_layers(model)
@@ -129,15 +145,36 @@ def add_budget_gradient(
         (coefs,) = torch.autograd.grad(loss * weight, counts)
     with torch.no_grad():
         for layer, coef in zip(layers, coefs):
-            mask, theta = layer.mask, layer.latent
-            if not theta.requires_grad:
+            if not layer.latent.requires_grad:
                 continue
-            t_b = mask.slope_temperature(grad_temperature)
-            if theta.grad is None:
-                theta.grad = gate_grad(theta, mask.scale, mask.threshold, t_b, coef)
+            temperature = layer.mask.slope_temperature(grad_temperature)
+            if in_backward:
+                layer.mask.request_budget_grad(coef, temperature)
             else:
-                add_gate_grad(theta.grad, theta, mask.scale, mask.threshold, t_b, coef)
+                _add_layer_budget_gradient(layer, coef, temperature)
     return loss.detach()
+
+
+def flush_budget_gradient(model: nn.Module | list[PrunedLayer]) -> int:
+    """Add the budget gradients requested by ``add_budget_gradient(..., in_backward=True)`` that no backward pass
+    added (a layer the loss did not use); return how many layers that was."""
+    layers = model if isinstance(model, list) else pruned_layers(model)
+    flushed = 0
+    with torch.no_grad():
+        for layer in layers:
+            request = layer.mask.take_budget_grad()
+            if request is not None:
+                _add_layer_budget_gradient(layer, *request)
+                flushed += 1
+    return flushed
+
+
+def _add_layer_budget_gradient(layer: PrunedLayer, coef: Tensor, temperature: Tensor) -> None:
+    mask, theta = layer.mask, layer.latent
+    if theta.grad is None:
+        theta.grad = gate_grad(theta, mask.scale, mask.threshold, temperature, coef)
+    else:
+        add_gate_grad(theta.grad, theta, mask.scale, mask.threshold, temperature, coef)
 
 
 def _check_budget(keep: float, mode: str) -> None:

@@ -16,6 +16,7 @@ from lightning_prune.budget import (
     BUDGET_MODES,
     add_budget_gradient,
     budget_penalty,
+    flush_budget_gradient,
     hard_kept_counts,
     soft_kept_shares,
 )
@@ -171,6 +172,7 @@ class BudgetCallback(Callback):
         self._layers: list[PrunedLayer] = []
         self._latent_ids: set[int] = set()
         self._total: int | None = None
+        self._requested = False  # budget gradients requested from this step's backward pass
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -224,12 +226,25 @@ class BudgetCallback(Callback):
 
     # ---------------------------------------------------------- per step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if self._requested:  # the previous step stopped between its backward pass and its optimizer step
+            self._requested = False
+            for layer in self._layers:
+                layer.mask.take_budget_grad()
         if not self.finalized:
             self._apply_schedules(trainer.global_step)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if not self.check_finite:
-            return
+        if self.check_finite:
+            self._check_loss_finite(trainer, loss)
+        if self._budget_in_backward(trainer, pl_module):
+            # the backward pass adds the gradient of λ · budget_loss in its own pass over each θ; what it does not
+            # reach is added in on_before_optimizer_step (see add_budget_gradient)
+            add_budget_gradient(
+                self._layers, self.target_keep, self.mode, self.budget_grad_temperature, self.lam, in_backward=True
+            )
+            self._requested = True
+
+    def _check_loss_finite(self, trainer: pl.Trainer, loss: Tensor) -> None:
         # one value per rank: every rank takes the same decision (a rank stopping alone would leave the others
         # waiting in the gradient all-reduce)
         flat = loss.detach().float().reshape(-1)
@@ -246,12 +261,31 @@ class BudgetCallback(Callback):
             )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.finalized or self.lam == 0.0 or not self._layers:
+        if self._requested:
+            self._requested = False
+            flush_budget_gradient(self._layers)
             return
-        if not any(id(p) in self._latent_ids for group in optimizer.param_groups for p in group["params"]):
+        if self.finalized or self.lam == 0.0 or not self._layers or not self._optimizes_latents(optimizer):
             return
         # the gradient of (λ · budget_loss).backward(), added into θ.grad directly (see add_budget_gradient)
         add_budget_gradient(self._layers, self.target_keep, self.mode, self.budget_grad_temperature, weight=self.lam)
+
+    def _budget_in_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this step's backward pass can add the budget gradient: one backward pass per optimizer step
+        (automatic optimization, no gradient accumulation), an unscaled loss (no 16-bit GradScaler), and an
+        optimizer that trains the latent weights."""
+        return (
+            not self.finalized
+            and self.lam != 0.0
+            and bool(self._layers)
+            and pl_module.automatic_optimization
+            and trainer.accumulate_grad_batches == 1
+            and getattr(trainer.precision_plugin, "scaler", None) is None
+            and any(self._optimizes_latents(optimizer) for optimizer in trainer.optimizers)
+        )
+
+    def _optimizes_latents(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._latent_ids for group in optimizer.param_groups for p in group["params"])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:

@@ -66,18 +66,31 @@ def masked_weight(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: 
 
 
 def masked_weight_grad(
-    theta: Tensor, grad_out: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor
+    theta: Tensor,
+    grad_out: Tensor,
+    scale: Tensor,
+    threshold: Tensor,
+    temperature: Tensor,
+    grad_temperature: Tensor,
+    budget: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``grad_out · d(θ·h_T(θ))/dθ`` with the slope of ``h`` taken at ``T_b = max(T, grad_temperature)``.
 
     ``d(θ·h)/dθ = h + θ·h' = h_T + (|θ|/(s·T_b))·h_b(1 − h_b)``: bounded by ``1 + (|θ|/s)/(4·T_b)`` however small
     ``T`` gets.
+
+    ``budget = (coef, T_budget)`` (0-d tensors) also adds ``coef · dh_{T_budget}(θ)/dθ`` (:func:`gate_grad`) in the
+    same pass over θ: the budget loss's gradient, without reading θ and writing ``θ.grad`` a second time.
     """
     t_b = slope_temperature(temperature, grad_temperature)
     same = _same_value(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
     factor_b, offset_b = gate_factors(scale, threshold, t_b)
     factor, offset = (factor_b, offset_b) if same else gate_factors(scale, threshold, temperature)
     if _chunked(theta, grad_out) and not grad_out.requires_grad:
+        if budget is not None:
+            same_budget = _same_value(budget[1], t_b)
+            factor_budget, offset_budget = gate_factors(scale, threshold, budget[1])
+            budget_slope = factor_budget * budget[0].float()
         flat, grad_flat = theta.view(-1), grad_out.view(-1)
         out = torch.empty_like(theta)
         size = min(flat.numel(), CPU_CHUNK)
@@ -92,14 +105,21 @@ def masked_weight_grad(
             else:
                 _gate_into(chunk, factor, offset, local).add_(slope)
             local.mul_(grad_flat[i:j])
+            if budget is not None:  # x_buf is free again; h_buf still holds h_b
+                gate_budget = gate_b if same_budget else _gate_into(chunk, factor_budget, offset_budget, h_buf[: j - i])
+                local.addcmul_(_signed_slope(chunk, gate_budget, x_buf[: j - i]), budget_slope)
         return out
     gate = None if same else _gate_into(wide(theta), factor, offset)
     scaled = wide(theta).abs().mul_(factor_b)
     gate_b = torch.sigmoid_(scaled - offset_b)
     local = (gate_b if same else gate).add_(_sigmoid_slope(scaled, gate_b))
     if local.dtype == grad_out.dtype and not grad_out.requires_grad:
-        return local.mul_(grad_out)
-    return (grad_out * local).to(theta.dtype)
+        grad = local.mul_(grad_out)
+    else:
+        grad = (grad_out * local).to(theta.dtype)
+    if budget is not None:
+        add_gate_grad(grad, theta, scale, threshold, budget[1], budget[0])
+    return grad
 
 
 def gate_sum(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:

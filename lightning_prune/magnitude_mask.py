@@ -19,16 +19,40 @@ from lightning_prune.gate_kernels import (
 )
 
 
+class _PendingBudgetGrad:
+    """A budget gradient ``coef · dh/dθ`` (``coef`` and the slope's temperature, 0-d tensors) left for the layer's
+    next backward pass, which adds it in its own pass over θ (see :meth:`MagnitudeMask.request_budget_grad`)."""
+
+    __slots__ = ("request",)
+
+    def __init__(self) -> None:
+        self.request: tuple[Tensor, Tensor] | None = None
+
+    def take(self) -> tuple[Tensor, Tensor] | None:
+        request, self.request = self.request, None
+        return request
+
+
 class _MaskedWeight(torch.autograd.Function):
     """w = θ·h(θ) with h = σ((|θ|/s − c)/T); the backward pass bounds dh/dθ by evaluating it at max(T, T_grad).
 
     Also returns Σh (not differentiable), which the budget loss reuses instead of computing the gates again. Only θ
-    is saved (h is recomputed in backward), so the memory cost of the reparametrization stays at one tensor.
+    is saved (h is recomputed in backward), so the memory cost of the reparametrization stays at one tensor. The
+    backward also adds the mask's pending budget gradient, if any (``pending``; None under torch.compile).
     """
 
     @staticmethod
-    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
+    def forward(
+        ctx,
+        theta: Tensor,
+        scale: Tensor,
+        threshold: Tensor,
+        temperature: Tensor,
+        grad_temperature: Tensor,
+        pending: _PendingBudgetGrad | None = None,
+    ):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
+        ctx.pending = pending
         weight, total = masked_weight(theta, scale, threshold, temperature)
         ctx.mark_non_differentiable(total)
         return weight, total
@@ -36,7 +60,9 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_total: Tensor | None):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
-        return masked_weight_grad(theta, grad_out, scale, threshold, temperature, grad_temperature), None, None, None, None
+        budget = ctx.pending.take() if ctx.pending is not None else None
+        grad = masked_weight_grad(theta, grad_out, scale, threshold, temperature, grad_temperature, budget)
+        return grad, None, None, None, None, None
 
 
 class _SoftGate(torch.autograd.Function):
@@ -149,16 +175,18 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
 
         self._kept_count: tuple[tuple, Tensor] | None = None
+        self._pending_budget_grad = _PendingBudgetGrad()
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
             # no branch on a tensor under torch.compile (it would split the graph at every layer): both paths, and
-            # the hard one selected by the flag (a buffer, so hardening needs no recompilation)
-            soft, _ = _MaskedWeight.apply(theta, *self._gate_args())
+            # the hard one selected by the flag (a buffer, so hardening needs no recompilation). A compiled backward
+            # cannot read a request made after tracing: pending budget gradients are left to flush_budget_gradient.
+            soft, _ = _MaskedWeight.apply(theta, *self._gate_args(), None)
             return torch.where(self.hard, self._masked(theta), soft)
         if self.hard:
             return self._masked(theta)
-        weight, kept = _MaskedWeight.apply(theta, *self._gate_args())
+        weight, kept = _MaskedWeight.apply(theta, *self._gate_args(), self._pending_budget_grad)
         if torch.is_grad_enabled():  # a training step: its budget loss reads the count instead of recomputing it
             self._kept_count = (self._inputs_state(theta), kept)
         return weight
@@ -195,6 +223,19 @@ class MagnitudeMask(nn.Module):
         floor = self.grad_temperature if grad_temperature is None else grad_temperature
         return slope_temperature(self.temperature, floor)
 
+    def request_budget_grad(self, coef: Tensor, temperature: Tensor) -> None:
+        """Leave ``coef · dh_T(θ)/dθ`` (at ``T = temperature``) for the next backward pass through this mask to add.
+
+        The backward pass adds it to the gradient it returns for θ in the same pass over the weight, once: a second
+        backward pass adds nothing. :meth:`take_budget_grad` returns a request no backward pass consumed. Used by
+        :func:`lightning_prune.add_budget_gradient` with ``in_backward=True``.
+        """
+        self._pending_budget_grad.request = (coef.detach(), temperature.detach())
+
+    def take_budget_grad(self) -> tuple[Tensor, Tensor] | None:
+        """The pending budget-gradient request ``(coef, temperature)``, removed; None when there is none."""
+        return self._pending_budget_grad.take()
+
     def _inputs_state(self, theta: Tensor) -> tuple:
         return tuple((weakref.ref(t), t._version) for t in (theta, self.scale, self.threshold, self.temperature))
 
@@ -211,7 +252,12 @@ class MagnitudeMask(nn.Module):
         # the cached count holds weak references, which cannot be pickled (torch.save(model), ddp_spawn)
         state = self.__dict__.copy()
         state["_kept_count"] = None
+        state["_pending_budget_grad"] = _PendingBudgetGrad()  # a copy does not share the original's requests
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pending_budget_grad", _PendingBudgetGrad())  # pickled before requests existed
 
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation.
@@ -234,6 +280,7 @@ class MagnitudeMask(nn.Module):
         self.mask.copy_(mask.to(torch.bool))
         self.hard.fill_(True)
         self._kept_count = None
+        self._pending_budget_grad.take()
 
     def _gate_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.scale, self.threshold, self.temperature, self.grad_temperature

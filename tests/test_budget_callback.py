@@ -11,6 +11,7 @@ from lightning_prune import (
     PrunedClassifier,
     budget_count,
     budget_penalty,
+    flush_budget_gradient,
     pruned_layers,
 )
 from lightning_prune.backbones import Conv4
@@ -164,13 +165,17 @@ class _BudgetGradientProbe(pl.Callback):
     def check(self, pl_module) -> None:
         layers = pruned_layers(pl_module)
         added = [layer.latent.grad - before for layer, before in zip(layers, self.before)]
-        # the reference: the gates recomputed from θ (no count cache) and differentiated by autograd
-        thetas = [layer.latent.detach().clone().requires_grad_(True) for layer in layers]
-        kept = sum(layer.mask.soft_gate(t, self.budget.budget_grad_temperature).sum() for layer, t in zip(layers, thetas))
-        loss = self.budget.lam * budget_penalty(kept / sum(layer.numel for layer in layers), self.budget.target_keep)
-        for got, expected in zip(added, torch.autograd.grad(loss, thetas)):
+        for got, expected in zip(added, _budget_gradient_reference(self.budget, layers)):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
         self.checked += 1
+
+
+def _budget_gradient_reference(budget: BudgetCallback, layers) -> tuple[torch.Tensor, ...]:
+    """∂(λ·budget_loss)/∂θ with the gates recomputed from θ (no count cache) and differentiated by autograd."""
+    thetas = [layer.latent.detach().clone().requires_grad_(True) for layer in layers]
+    kept = sum(layer.mask.soft_gate(t, budget.budget_grad_temperature).sum() for layer, t in zip(layers, thetas))
+    loss = budget.lam * budget_penalty(kept / sum(layer.numel for layer in layers), budget.target_keep)
+    return torch.autograd.grad(loss, thetas)
 
 
 class _Before(pl.Callback):
@@ -200,3 +205,54 @@ def test_budget_gradient_in_the_loop_matches_autograd_with_gradient_accumulation
     )
     trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
     assert probe.checked == 4
+
+
+class _StepGradientProbe(pl.Callback):
+    """After BudgetCallback: θ.grad must be the task loss's gradient (recomputed on the same batch) plus λ·∂L_budget/∂θ."""
+
+    def __init__(self, budget: BudgetCallback) -> None:
+        self.budget, self.batch, self.checked = budget, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        layers = pruned_layers(pl_module)
+        x, y = self.batch
+        task = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(pl_module(x), y), [layer.latent for layer in layers], allow_unused=True
+        )
+        for layer, task_grad, budget_grad in zip(layers, task, _budget_gradient_reference(self.budget, layers)):
+            expected = budget_grad if task_grad is None else task_grad + budget_grad
+            torch.testing.assert_close(layer.latent.grad, expected, rtol=1e-4, atol=1e-6)
+        self.checked += 1
+
+
+class _UnusedLayerClassifier(PlainClassifier):
+    """A Linear that the forward pass never calls: no backward pass reaches its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("module_cls, flushed", [(PlainClassifier, 0), (_UnusedLayerClassifier, 1)])
+def test_the_backward_pass_adds_the_budget_gradient_and_the_rest_is_flushed(monkeypatch, module_cls, flushed):
+    """Without gradient accumulation the backward pass itself adds λ·∂L_budget/∂θ; a layer it does not reach gets it
+    before the optimizer step. Either way θ.grad is the task's gradient plus the budget's, once."""
+    import lightning_prune.budget_callback as budget_callback_module
+
+    counts = []
+
+    def counting_flush(layers):
+        counts.append(flush_budget_gradient(layers))
+        return counts[-1]
+
+    monkeypatch.setattr(budget_callback_module, "flush_budget_gradient", counting_flush)
+    torch.manual_seed(0)
+    budget = BudgetCallback(sparsity=0.8, lambda_warmup=0.0)
+    probe = _StepGradientProbe(budget)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[budget, probe])
+    trainer.fit(module_cls(), DigitsDataModule(image_size=16, batch_size=32))
+    assert probe.checked == 3
+    assert counts == [flushed] * 3  # the requests went through the backward pass (not flushed), except the unused

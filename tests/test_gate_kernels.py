@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from lightning_prune import MagnitudeMask, add_budget_gradient, budget_loss, gate_kernels, pruned_layers, reparametrize
+from lightning_prune import (
+    MagnitudeMask,
+    add_budget_gradient,
+    budget_loss,
+    flush_budget_gradient,
+    gate_kernels,
+    pruned_layers,
+    reparametrize,
+)
 from lightning_prune.magnitude_mask import _MaskedWeight
 
 
@@ -138,3 +146,48 @@ def test_add_budget_gradient_skips_frozen_weights():
     frozen.latent.requires_grad_(False)
     add_budget_gradient(model, keep=0.2)
     assert frozen.latent.grad is None and trained.latent.grad is not None
+
+
+@pytest.mark.parametrize("temperature, budget_temperature", [(0.5, 0.5), (0.5, 1.0), (0.02, 0.1), (0.02, 1.0)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_masked_weight_backward_adds_a_pending_budget_gradient_once(
+    small_chunks, temperature, budget_temperature, layout
+):
+    """A budget-gradient request is added by the next backward pass (chunked or not, whether or not its temperature
+    is the backward's own), and only by that one."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, 7, 11, 13)
+    if layout == "channels_last":
+        theta = theta.to(memory_format=torch.channels_last)
+    theta.requires_grad_(True)
+    mask = MagnitudeMask(theta.shape, scale=0.8, temperature=temperature, grad_temperature=0.1)
+    grad_out = torch.randn(3, 7, 11, 13)
+    coef = torch.tensor(-2.5)
+    mask.request_budget_grad(coef, torch.tensor(budget_temperature))
+    (fused,) = torch.autograd.grad(mask(theta), theta, grad_out)
+    (plain,) = torch.autograd.grad(mask(theta), theta, grad_out)  # the request is used up
+    assert mask.take_budget_grad() is None
+    _, _, local = _reference_masked_weight(theta.detach(), 0.8, 1.0, temperature, 0.1)
+    torch.testing.assert_close(plain, grad_out * local)
+    reference = theta.detach().clone().requires_grad_(True)
+    gate = torch.sigmoid((reference.abs() / 0.8 - 1.0) / budget_temperature)
+    (budget,) = torch.autograd.grad(coef * gate.sum(), reference)
+    torch.testing.assert_close(fused, plain + budget)
+
+
+def test_flush_adds_the_requests_no_backward_pass_consumed_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 3))
+    reparametrize(model)
+    layers = pruned_layers(model)
+    x = torch.randn(4, 10)
+    model(x)
+    add_budget_gradient(layers, keep=0.3, grad_temperature=1.0, weight=3.0)
+    budget = [layer.latent.grad.clone() for layer in layers]
+    (task,) = torch.autograd.grad(model[0](x).sum(), layers[0].latent)
+    model.zero_grad(set_to_none=True)
+    add_budget_gradient(layers, keep=0.3, grad_temperature=1.0, weight=3.0, in_backward=True)
+    model[0](x).sum().backward()  # reaches the first layer only
+    assert flush_budget_gradient(layers) == 1 and flush_budget_gradient(layers) == 0
+    torch.testing.assert_close(layers[0].latent.grad, task + budget[0])
+    torch.testing.assert_close(layers[1].latent.grad, budget[1])
