@@ -9,6 +9,8 @@ all of them alike):
   in_backward=True)`` before ``backward()`` (the backward pass adds it) and ``flush_budget_gradient(layers)`` after;
   ``--budget-pass separate`` adds it after ``backward()`` in a pass of its own instead, as the callback does with
   gradient accumulation or 16-bit mixed precision;
+* ``reparam_compiled`` (with ``--compile-gate``): ``reparam`` with ``reparametrize(model, compile_gate=True)``, the
+  gate's forward and backward as fused kernels compiled by torch.compile (compiled during the warm-up rounds);
 * ``finalized``: after finalisation (hard masks, ``θ ⊙ M``; the callback adds no budget term any more);
 * ``modelpruning``: what Lightning's ``ModelPruning`` runs between its pruning events, i.e.
   ``torch.nn.utils.prune`` (forward pre-hook ``weight = weight_orig * weight_mask``) after
@@ -109,10 +111,11 @@ class Variant:
 
     def __init__(self, name: str, dense: nn.Module, device: torch.device, budget_pass: str = "backward") -> None:
         self.name, self.budget_pass = name, budget_pass
+        self.soft = name in ("reparam", "reparam_compiled")  # trains with soft masks and the budget term
         model = copy.deepcopy(dense)
         self.layers = []
-        if name in ("reparam", "finalized"):
-            reparametrize(model)
+        if self.soft or name == "finalized":
+            reparametrize(model, compile_gate=name == "reparam_compiled")
             self.layers = pruned_layers(model)
             if name == "finalized":
                 finalize(self.layers, sparsity=0.9)
@@ -125,10 +128,10 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = F.cross_entropy(self.model(x), y)
-        if self.name == "reparam" and self.budget_pass == "backward":  # BudgetCallback.on_before_backward
+        if self.soft and self.budget_pass == "backward":  # BudgetCallback.on_before_backward
             add_budget_gradient(self.layers, KEEP, "global", BUDGET_GRAD_TEMPERATURE, weight=LAMBDA, in_backward=True)
         loss.backward()
-        if self.name == "reparam":  # BudgetCallback.on_before_optimizer_step
+        if self.soft:  # BudgetCallback.on_before_optimizer_step
             if self.budget_pass == "backward":
                 flush_budget_gradient(self.layers)
             else:
@@ -180,10 +183,12 @@ def measure(
     threads: int,
     seed: int = 0,
     budget_pass: str = "backward",
+    compile_gate: bool = False,
 ) -> list[Row]:
     torch.manual_seed(seed)
     dense = build_backbone(model_name, width_scale)
-    variants = [Variant(name, dense, device, budget_pass) for name in VARIANTS]
+    names = VARIANTS + (("reparam_compiled",) if compile_gate else ())
+    variants = [Variant(name, dense, device, budget_pass) for name in names]
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     if precision == "bf16":
@@ -326,6 +331,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-pass", choices=BUDGET_PASSES, default="backward",
                         help="reparam's budget gradient: added by the backward pass (BudgetCallback's default) or in "
                              "a separate pass after it (the callback with gradient accumulation or 16-mixed)")
+    parser.add_argument("--compile-gate", action="store_true",
+                        help="also time reparam_compiled: reparam with compile_gate=True (fused kernels compiled by "
+                             "torch.compile; needs a C++ compiler on the CPU, Triton on a GPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators of one dense and one reparam step per model")
     parser.add_argument("--csv", default=None)
@@ -370,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         for name in args.models:
             steps, warmup = plan[name]
             rows += measure(name, device, precision, batch, steps, warmup, args.width_scale, threads, args.seed,
-                            args.budget_pass)
+                            args.budget_pass, args.compile_gate)
             print(format_table([r for r in rows if (r.model, r.device, r.precision) == (name, device.type,
                                                                                             precision)]), flush=True)
     if args.profile:

@@ -53,7 +53,7 @@ def timed_step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     """One training step of ``variant``: ``{phase: (seconds, minor page faults)}``."""
     out = {phase: (0.0, 0) for phase in PHASES}
     state: dict[str, torch.Tensor] = {}
-    reparam, in_backward = variant.name == "reparam", variant.budget_pass == "backward"
+    reparam, in_backward = variant.soft, variant.budget_pass == "backward"
 
     def forward() -> None:
         state["loss"] = F.cross_entropy(variant.model(x), y)
@@ -85,12 +85,20 @@ def timed_step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 
 def measure_phases(
-    model_name: str, rounds: int, warmup: int, batch_size: int, width_scale: float, budget_pass: str = "backward"
+    model_name: str,
+    rounds: int,
+    warmup: int,
+    batch_size: int,
+    width_scale: float,
+    budget_pass: str = "backward",
+    compile_gate: bool = False,
 ) -> list[dict]:
     """Rows ``{phase, dense_ms, reparam_ms, extra_ms, dense_faults, reparam_faults}``, plus a ``total`` row."""
     torch.manual_seed(0)
     dense = build_backbone(model_name, width_scale)
-    variants = [Variant(name, dense, torch.device("cpu"), budget_pass) for name in ("dense", "reparam")]
+    reparam = Variant("reparam_compiled" if compile_gate else "reparam", dense, torch.device("cpu"), budget_pass)
+    reparam.name = "reparam"  # the rows' label
+    variants = [Variant("dense", dense, torch.device("cpu")), reparam]
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     samples: dict[str, dict[str, list[tuple[float, int]]]] = {v.name: {p: [] for p in PHASES} for v in variants}
     for i in range(warmup + rounds):
@@ -173,6 +181,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--budget-pass", choices=BUDGET_PASSES, default="backward",
                         help="the budget gradient added by the backward pass (the callback's default) or after it")
+    parser.add_argument("--compile-gate", action="store_true",
+                        help="reparam with compile_gate=True (the gate as kernels compiled by torch.compile)")
     parser.add_argument("--kernel-probe", action="store_true", help="also time eager against compiled gate kernels")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -186,8 +196,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"{args.model}, CPU, batch {args.batch_size}, torch.get_num_threads() = {torch.get_num_threads()}, "
-          f"{args.rounds} rounds, budget gradient {args.budget_pass}; page faults from {'getrusage' if resource else 'nothing (not counted here)'}")
-    rows = measure_phases(args.model, args.rounds, args.warmup, args.batch_size, args.width_scale, args.budget_pass)
+          f"{args.rounds} rounds, budget gradient {args.budget_pass}, compile_gate={args.compile_gate}; page faults from {'getrusage' if resource else 'nothing (not counted here)'}")
+    rows = measure_phases(
+        args.model, args.rounds, args.warmup, args.batch_size, args.width_scale, args.budget_pass, args.compile_gate
+    )
     print("| phase | dense ms | reparam ms | reparam − dense ms | dense faults | reparam faults |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -84,6 +84,9 @@ class BudgetCallback(Callback):
         finalize_on_fit_end: harden the masks when fit ends.
         report_accuracy: at finalisation, measure top-1 accuracy on the validation data before and after hardening.
         check_finite: stop with :class:`NonFiniteError` on a non-finite loss or latent weight.
+        compile_gate: run the masks' forward and backward as fused kernels compiled by torch.compile (see
+            :mod:`lightning_prune.compiled_gate`): a faster step, after a few seconds of compiling in the first steps.
+            Needs a C++ compiler on the CPU or Triton on a GPU; without one, a warning and the eager kernels.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -113,6 +116,7 @@ class BudgetCallback(Callback):
         finalize_on_fit_end: bool = True,
         report_accuracy: bool = True,
         check_finite: bool = True,
+        compile_gate: bool = False,
     ) -> None:
         super().__init__()
         check_sparsity(sparsity)
@@ -162,6 +166,7 @@ class BudgetCallback(Callback):
         self.finalize_on_fit_end = finalize_on_fit_end
         self.report_accuracy = report_accuracy
         self.check_finite = check_finite
+        self.compile_gate = bool(compile_gate)
         # state that survives a resume
         self.finalized = False
         self.step = 0
@@ -200,6 +205,9 @@ class BudgetCallback(Callback):
             )
         self._layers = pruned_layers(pl_module)
         self._latent_ids = {id(layer.latent) for layer in self._layers}
+        if self.compile_gate:
+            for layer in self._layers:
+                layer.mask.compile_gate = True
         sizes = [layer.numel for layer in self._layers]
         floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
         budget = budget_count(sum(sizes), self.sparsity)

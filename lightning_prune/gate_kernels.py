@@ -83,12 +83,12 @@ def masked_weight_grad(
     same pass over θ: the budget loss's gradient, without reading θ and writing ``θ.grad`` a second time.
     """
     t_b = slope_temperature(temperature, grad_temperature)
-    same = _same_value(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
+    same = same_value(temperature, t_b)  # then the two gates are the same: one pass and buffer fewer
     factor_b, offset_b = gate_factors(scale, threshold, t_b)
     factor, offset = (factor_b, offset_b) if same else gate_factors(scale, threshold, temperature)
     if _chunked(theta, grad_out) and not grad_out.requires_grad:
         if budget is not None:
-            same_budget = _same_value(budget[1], t_b)
+            same_budget = same_value(budget[1], t_b)
             factor_budget, offset_budget = gate_factors(scale, threshold, budget[1])
             budget_slope = factor_budget * budget[0].float()
         flat, grad_flat = theta.view(-1), grad_out.view(-1)
@@ -199,9 +199,12 @@ def _sigmoid_slope(x: Tensor, gate: Tensor) -> Tensor:
     return torch.ops.aten.sigmoid_backward.grad_input(x, gate, grad_input=x)
 
 
-def _same_value(temperature: Tensor, t_b: Tensor) -> bool:
-    # only looked at on the CPU, where reading the value costs no device synchronisation, and not under
-    # torch.compile, where reading it would break the graph
+def same_value(temperature: Tensor, t_b: Tensor) -> bool:
+    """True when the two temperatures (0-d) are known to be equal, so that one gate serves for both.
+
+    Only read on the CPU, where reading a value costs no device synchronisation, and not under torch.compile, where
+    reading it would break the graph: False otherwise.
+    """
     return temperature.device.type == "cpu" and not is_compiling() and bool(temperature == t_b)
 
 

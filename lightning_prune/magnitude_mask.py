@@ -7,6 +7,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.compiled_gate import fused_masked_weight, fused_masked_weight_grad
 from lightning_prune.gate_kernels import (
     gate,
     gate_grad,
@@ -50,19 +51,23 @@ class _MaskedWeight(torch.autograd.Function):
         temperature: Tensor,
         grad_temperature: Tensor,
         pending: _PendingBudgetGrad | None = None,
+        fused: bool = False,
     ):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        ctx.pending = pending
-        weight, total = masked_weight(theta, scale, threshold, temperature)
+        ctx.pending, ctx.fused = pending, fused
+        result = fused_masked_weight(theta, scale, threshold, temperature) if fused else None
+        weight, total = result if result is not None else masked_weight(theta, scale, threshold, temperature)
         ctx.mark_non_differentiable(total)
         return weight, total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_total: Tensor | None):
-        theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
+        args = (*ctx.saved_tensors[:1], grad_out, *ctx.saved_tensors[1:])  # θ, grad_out, s, c, T, T_grad
         budget = ctx.pending.take() if ctx.pending is not None else None
-        grad = masked_weight_grad(theta, grad_out, scale, threshold, temperature, grad_temperature, budget)
-        return grad, None, None, None, None, None
+        grad = fused_masked_weight_grad(*args, budget) if ctx.fused else None
+        if grad is None:
+            grad = masked_weight_grad(*args, budget)
+        return grad, None, None, None, None, None, None
 
 
 class _SoftGate(torch.autograd.Function):
@@ -142,6 +147,9 @@ class MagnitudeMask(nn.Module):
         threshold: normalised threshold ``c``.
         temperature: temperature ``T`` (> 0).
         grad_temperature: floor on the temperature used by the backward pass.
+        compile_gate: compute the gate's forward and backward with fused kernels compiled by torch.compile
+            (:mod:`lightning_prune.compiled_gate`; needs a C++ compiler on the CPU, Triton on a GPU). Faster; the
+            same values up to float rounding. Not saved in checkpoints: a setting of this process, like torch.compile.
 
     Example:
         >>> import torch
@@ -161,6 +169,7 @@ class MagnitudeMask(nn.Module):
         threshold: float = 1.0,
         temperature: float = 0.5,
         grad_temperature: float = 0.1,
+        compile_gate: bool = False,
     ) -> None:
         super().__init__()
         if not scale > 0:
@@ -176,6 +185,8 @@ class MagnitudeMask(nn.Module):
 
         self._kept_count: tuple[tuple, Tensor] | None = None
         self._pending_budget_grad = _PendingBudgetGrad()
+        #: Run the gate as compiled fused kernels (:mod:`lightning_prune.compiled_gate`) instead of eager passes.
+        self.compile_gate = compile_gate
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
@@ -186,7 +197,7 @@ class MagnitudeMask(nn.Module):
             return torch.where(self.hard, self._masked(theta), soft)
         if self.hard:
             return self._masked(theta)
-        weight, kept = _MaskedWeight.apply(theta, *self._gate_args(), self._pending_budget_grad)
+        weight, kept = _MaskedWeight.apply(theta, *self._gate_args(), self._pending_budget_grad, self.compile_gate)
         if torch.is_grad_enabled():  # a training step: its budget loss reads the count instead of recomputing it
             self._kept_count = (self._inputs_state(theta), kept)
         return weight
@@ -257,7 +268,8 @@ class MagnitudeMask(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_pending_budget_grad", _PendingBudgetGrad())  # pickled before requests existed
+        self.__dict__.setdefault("_pending_budget_grad", _PendingBudgetGrad())  # pickled by an earlier version
+        self.__dict__.setdefault("compile_gate", False)
 
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s``: the quantity ranked across layers at finalisation.

@@ -81,6 +81,7 @@ def reparametrize(
     grad_temperature: float = 0.1,
     preserve_scale: bool = True,
     layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    compile_gate: bool = False,
 ) -> list[str]:
     """Reparametrize the ``weight`` of every prunable layer of ``model`` in place: ``w = θ ⊙ σ((|θ|/s − c)/T)``.
 
@@ -100,6 +101,8 @@ def reparametrize(
             the backbone's initialisation intended (without it, half the weights start gated off and a deep network
             without batch norm may not learn).
         layer_types: module types whose ``weight`` is prunable.
+        compile_gate: run the masks' forward and backward as fused kernels compiled by torch.compile (see
+            :mod:`lightning_prune.compiled_gate`): faster, needs a C++ compiler on the CPU or Triton on a GPU.
 
     Returns:
         The names of the modules reparametrized by this call (empty when all were already).
@@ -135,6 +138,7 @@ def reparametrize(
                 "remove it or exclude the layer."
             )
         _attach(module, threshold, temperature, grad_temperature, preserve_scale)
+        _mask_of(module).compile_gate = compile_gate
         attached.append(name)
     return attached
 

@@ -96,6 +96,23 @@ def test_step_cost_smoke(step_cost, tmp_path):
     assert report["goals_missed"] == step_cost.check_goals(rows)
 
 
+def test_step_cost_compile_gate_times_a_compiled_variant_too(step_cost, monkeypatch):
+    from lightning_prune import compiled_gate
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_gate, "BACKEND", "aot_eager")  # no C++ compiler needed in CI
+    monkeypatch.setattr(compiled_gate, "_compiled", {})
+    monkeypatch.setattr(compiled_gate, "_failed", [])
+    rows = step_cost.main([
+        "--device", "cpu", "--models", "conv4", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+        "--width-scale", "0.125", "--threads", "1", "--compile-gate", "--budget-pass", "separate",
+    ])
+    torch._dynamo.reset()
+    assert [r.variant for r in rows] == [*step_cost.VARIANTS, "reparam_compiled"]
+    assert {"forward", "backward"} <= set(compiled_gate._compiled) and not compiled_gate._failed
+    assert rows[-1].time_ratio > 0 and rows[-1].memory_ratio == rows[1].memory_ratio
+
+
 def test_step_cost_goals_and_per_model_steps(step_cost):
     def row(variant, time_ratio, memory_ratio, device="cpu"):
         return step_cost.Row("conv4", device, "fp32", variant, 64, 2, 10, 1.0, 0.1, time_ratio, 1.0, memory_ratio,
@@ -167,11 +184,12 @@ def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
 
 
 # -------------------------------------------------------------------------------------------------- step_phases.py
-def test_step_phases_smoke(tmp_path):
+@pytest.mark.parametrize("budget_pass", ["backward", "separate"])
+def test_step_phases_smoke(tmp_path, budget_pass):
     phases = _load("step_phases")
     json_path = tmp_path / "phases.json"
     report = phases.main(["--model", "conv4", "--width-scale", "0.125", "--batch-size", "4", "--rounds", "2",
-                          "--warmup", "1", "--threads", "1", "--json", str(json_path)])
+                          "--warmup", "1", "--threads", "1", "--budget-pass", budget_pass, "--json", str(json_path)])
     rows = {r["phase"]: r for r in report["phases"]}
     assert list(rows) == [*phases.PHASES, "total"]
     assert rows["budget"]["dense_ms"] == 0.0 and rows["budget"]["reparam_ms"] > 0  # only reparam has a budget term
