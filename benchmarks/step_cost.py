@@ -9,6 +9,8 @@ all of them alike):
   in_backward=True)`` before ``backward()`` (the backward pass adds it) and ``flush_budget_gradient(layers)`` after;
   ``--budget-pass separate`` adds it after ``backward()`` in a pass of its own instead, as the callback does with
   gradient accumulation or 16-bit mixed precision;
+* ``reparam_separate`` (with ``--budget-pass both``): ``reparam`` with the separate budget pass, in the same rounds
+  as ``reparam`` (an A/B of the two paths);
 * ``reparam_compiled`` (with ``--compile-gate``): ``reparam`` with ``reparametrize(model, compile_gate=True)``, the
   gate's forward and backward as fused kernels compiled by torch.compile (compiled during the warm-up rounds);
 * ``finalized``: after finalisation (hard masks, ``θ ⊙ M``; the callback adds no budget term any more);
@@ -110,8 +112,9 @@ class Variant:
     """One model + optimizer + the extra work its training step does."""
 
     def __init__(self, name: str, dense: nn.Module, device: torch.device, budget_pass: str = "backward") -> None:
-        self.name, self.budget_pass = name, budget_pass
-        self.soft = name in ("reparam", "reparam_compiled")  # trains with soft masks and the budget term
+        self.name = name
+        self.budget_pass = "separate" if name == "reparam_separate" else budget_pass
+        self.soft = name.startswith("reparam")  # trains with soft masks and the budget term
         model = copy.deepcopy(dense)
         self.layers = []
         if self.soft or name == "finalized":
@@ -187,8 +190,10 @@ def measure(
 ) -> list[Row]:
     torch.manual_seed(seed)
     dense = build_backbone(model_name, width_scale)
-    names = VARIANTS + (("reparam_compiled",) if compile_gate else ())
-    variants = [Variant(name, dense, device, budget_pass) for name in names]
+    names = VARIANTS + (("reparam_separate",) if budget_pass == "both" else ()) + (
+        ("reparam_compiled",) if compile_gate else ()
+    )
+    variants = [Variant(name, dense, device, "backward" if budget_pass == "both" else budget_pass) for name in names]
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     if precision == "bf16":
@@ -328,9 +333,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="auto: CPU always, and CUDA too when a GPU is present")
     parser.add_argument("--width-scale", type=float, default=1.0, help="scale the channels (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-pass", choices=BUDGET_PASSES, default="backward",
+    parser.add_argument("--budget-pass", choices=(*BUDGET_PASSES, "both"), default="backward",
                         help="reparam's budget gradient: added by the backward pass (BudgetCallback's default) or in "
-                             "a separate pass after it (the callback with gradient accumulation or 16-mixed)")
+                             "a separate pass after it (the callback with gradient accumulation or 16-mixed); both: "
+                             "reparam as by default, and a reparam_separate variant timed in the same rounds")
     parser.add_argument("--compile-gate", action="store_true",
                         help="also time reparam_compiled: reparam with compile_gate=True (fused kernels compiled by "
                              "torch.compile; needs a C++ compiler on the CPU, Triton on a GPU)")

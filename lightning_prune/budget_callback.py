@@ -50,9 +50,12 @@ class BudgetCallback(Callback):
 
     At ``setup`` it reparametrizes the module's prunable weights (unless they already are), before the optimizers are
     built. At every optimizer step it sets the temperature, moves the target keep share from 1 to ``1 − sparsity``,
-    and adds the gradient of ``λ·L_budget`` to the latent weights (after the task loss's backward, before the step,
-    so the module's own ``training_step`` needs no change). When fit ends it hardens the masks so that exactly
-    ``round((1 − sparsity)·N)`` weights are kept, before the last checkpoint is written.
+    and adds the gradient of ``λ·L_budget`` to the latent weights, so the module's own ``training_step`` needs no
+    change. That gradient is added by the task loss's backward pass itself, in the same pass over each weight
+    (requested in ``on_before_backward``; ``on_after_backward`` hooks see it in ``.grad``), or, with gradient
+    accumulation, a 16-bit ``GradScaler`` or manual optimization, after the backward pass in
+    ``on_before_optimizer_step``. When fit ends it hardens the masks so that exactly ``round((1 − sparsity)·N)``
+    weights are kept, before the last checkpoint is written.
 
     Logged (``prune/...``): ``lambda``, ``temperature``, ``target_keep``, ``budget_loss``, ``kept_soft``, ``kept_hard``,
     ``kept/<layer>``, and at finalisation ``acc_soft`` / ``acc_hard`` (top-1 on the validation data, when batches are

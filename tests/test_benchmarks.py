@@ -96,7 +96,7 @@ def test_step_cost_smoke(step_cost, tmp_path):
     assert report["goals_missed"] == step_cost.check_goals(rows)
 
 
-def test_step_cost_compile_gate_times_a_compiled_variant_too(step_cost, monkeypatch):
+def test_step_cost_times_the_compiled_and_separate_budget_variants_too(step_cost, monkeypatch):
     from lightning_prune import compiled_gate
 
     torch._dynamo.reset()
@@ -105,11 +105,11 @@ def test_step_cost_compile_gate_times_a_compiled_variant_too(step_cost, monkeypa
     monkeypatch.setattr(compiled_gate, "_failed", [])
     rows = step_cost.main([
         "--device", "cpu", "--models", "conv4", "--steps", "1", "--warmup", "1", "--batch-size", "4",
-        "--width-scale", "0.125", "--threads", "1", "--compile-gate", "--budget-pass", "separate",
+        "--width-scale", "0.125", "--threads", "1", "--compile-gate", "--budget-pass", "both",
     ])
     torch._dynamo.reset()
-    assert [r.variant for r in rows] == [*step_cost.VARIANTS, "reparam_compiled"]
-    assert {"forward", "backward"} <= set(compiled_gate._compiled) and not compiled_gate._failed
+    assert [r.variant for r in rows] == [*step_cost.VARIANTS, "reparam_separate", "reparam_compiled"]
+    assert {"forward", "backward_budget"} <= set(compiled_gate._compiled) and not compiled_gate._failed
     assert rows[-1].time_ratio > 0 and rows[-1].memory_ratio == rows[1].memory_ratio
 
 
