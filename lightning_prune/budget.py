@@ -104,7 +104,8 @@ def add_budget_gradient(
     The same gradients as ``(weight * budget_loss(model, keep, mode, grad_temperature)).backward()``, computed
     without an autograd graph over the weights: the soft kept counts come from the layers' last training forward
     pass (when θ has not changed since), and each layer's gradient is added into ``.grad`` directly instead of
-    through a weight-sized gradient tensor. Tensor hooks registered on the latent weights do not see this gradient.
+    through a weight-sized gradient tensor. Tensor hooks registered on the latent weights do not see this gradient
+    (with ``in_backward=True`` they do, for the layers the backward pass reaches).
 
     With ``in_backward=True`` the gradients are not added now: each layer's next backward pass adds its share to the
     gradient it computes for θ, in the same pass over the weight (θ is read once per step instead of twice). Call it
@@ -157,7 +158,8 @@ def add_budget_gradient(
 
 def flush_budget_gradient(model: nn.Module | list[PrunedLayer]) -> int:
     """Add the budget gradients requested by ``add_budget_gradient(..., in_backward=True)`` that no backward pass
-    added (a layer the loss did not use); return how many layers that was."""
+    added (a layer the loss did not use, or every layer of a model run under ``torch.compile``, whose compiled
+    backward does not read requests); return how many layers that was."""
     layers = model if isinstance(model, list) else pruned_layers(model)
     flushed = 0
     with torch.no_grad():

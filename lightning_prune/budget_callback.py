@@ -9,8 +9,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_prune.budget import (
     BUDGET_MODES,
@@ -52,9 +54,12 @@ class BudgetCallback(Callback):
     built. At every optimizer step it sets the temperature, moves the target keep share from 1 to ``1 − sparsity``,
     and adds the gradient of ``λ·L_budget`` to the latent weights, so the module's own ``training_step`` needs no
     change. That gradient is added by the task loss's backward pass itself, in the same pass over each weight
-    (requested in ``on_before_backward``; ``on_after_backward`` hooks see it in ``.grad``), or, with gradient
-    accumulation, a 16-bit ``GradScaler`` or manual optimization, after the backward pass in
-    ``on_before_optimizer_step``. When fit ends it hardens the masks so that exactly ``round((1 − sparsity)·N)``
+    (requested in ``on_before_backward``; a layer the backward pass does not reach, or every layer under
+    ``torch.compile(model)``, gets it in ``on_before_optimizer_step``), or, with gradient accumulation, a scaled loss
+    (16-bit ``GradScaler``, other precision plugins), manual optimization or DDP with ``find_unused_parameters``,
+    after the backward pass in ``on_before_optimizer_step``. Any backward pass through the weights between the
+    callback's ``on_before_backward`` and the loss's own (``torch.autograd.grad`` in a later ``on_before_backward``
+    hook) takes the request instead. When fit ends it hardens the masks so that exactly ``round((1 − sparsity)·N)``
     weights are kept, before the last checkpoint is written.
 
     Logged (``prune/...``): ``lambda``, ``temperature``, ``target_keep``, ``budget_loss``, ``kept_soft``, ``kept_hard``,
@@ -237,10 +242,7 @@ class BudgetCallback(Callback):
 
     # ---------------------------------------------------------- per step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        if self._requested:  # the previous step stopped between its backward pass and its optimizer step
-            self._requested = False
-            for layer in self._layers:
-                layer.mask.take_budget_grad()
+        self._drop_requests()  # a step that stopped between its backward pass and its optimizer step left some
         if not self.finalized:
             self._apply_schedules(trainer.global_step)
 
@@ -281,17 +283,33 @@ class BudgetCallback(Callback):
         # the gradient of (λ · budget_loss).backward(), added into θ.grad directly (see add_budget_gradient)
         add_budget_gradient(self._layers, self.target_keep, self.mode, self.budget_grad_temperature, weight=self.lam)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_requests()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_requests()
+
+    def _drop_requests(self) -> None:
+        """Forget budget-gradient requests that no backward pass took (a later backward must not add them)."""
+        self._requested = False
+        for layer in self._layers:
+            layer.mask.take_budget_grad()
+
     def _budget_in_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Whether this step's backward pass can add the budget gradient: one backward pass per optimizer step
-        (automatic optimization, no gradient accumulation), an unscaled loss (no 16-bit GradScaler), and an
-        optimizer that trains the latent weights."""
+        (automatic optimization, no gradient accumulation), a loss that no precision plugin scales (plain, bf16 or
+        16-bit without GradScaler), every rank's backward pass reaching every layer (see
+        :func:`_ranks_reach_every_layer`), and an optimizer that trains the latent weights."""
+        precision = trainer.precision_plugin
         return (
             not self.finalized
             and self.lam != 0.0
             and bool(self._layers)
             and pl_module.automatic_optimization
             and trainer.accumulate_grad_batches == 1
-            and getattr(trainer.precision_plugin, "scaler", None) is None
+            and type(precision) in (Precision, HalfPrecision, MixedPrecision)
+            and getattr(precision, "scaler", None) is None
+            and _ranks_reach_every_layer(trainer)
             and any(self._optimizes_latents(optimizer) for optimizer in trainer.optimizers)
         )
 
@@ -503,6 +521,24 @@ def _val_loaders(trainer: pl.Trainer) -> list:
     if loaders is None:
         return []
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def _ranks_reach_every_layer(trainer: pl.Trainer) -> bool:
+    """True when a layer's backward pass runs on every rank or on none: one process, or DDP that requires every
+    parameter to get a gradient (no ``find_unused_parameters``, no ``static_graph``).
+
+    The budget gradient added in the backward pass is averaged by the all-reduce with the other ranks'; a rank that
+    did not reach a layer would add it again in :func:`~lightning_prune.flush_budget_gradient`, after the all-reduce,
+    and the replicas would drift apart.
+    """
+    if trainer.world_size == 1:
+        return True
+    model = trainer.strategy.model
+    return (
+        isinstance(model, DistributedDataParallel)
+        and not model.find_unused_parameters
+        and not getattr(model, "static_graph", False)
+    )
 
 
 def _gather_ranks(trainer: pl.Trainer, tensor: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ Weights that are not contiguous (``channels_last``) take the eager kernels. When
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -25,7 +26,17 @@ from lightning_prune.gate_kernels import gate_factors, same_value, slope_tempera
 BACKEND = "inductor"
 
 _compiled: dict[str, Callable] = {}
+_ready: set[str] = set()  # kernels that have run once: their errors are the caller's, not a failed compile
 _failed: list[str] = []  # the first compile error, once one happened: eager from then on
+_lock = threading.Lock()
+
+
+def reset() -> None:
+    """Forget the compiled kernels and any failed compile (after changing :data:`BACKEND`; the tests use it)."""
+    with _lock:
+        _compiled.clear()
+        _ready.clear()
+        _failed.clear()
 
 
 def fused_masked_weight(
@@ -63,10 +74,21 @@ def fused_masked_weight_grad(
 def _call(name: str, formula: Callable, *args: Tensor | bool):
     if _failed:
         return None
+    if name in _ready:
+        return _compiled[name](*args)
+    with _lock:  # the first call compiles: once, even with several threads
+        return _first_call(name, formula, *args)
+
+
+def _first_call(name: str, formula: Callable, *args: Tensor | bool):
+    if _failed:
+        return None
     if name not in _compiled:
         _compiled[name] = torch.compile(formula, backend=BACKEND, dynamic=True)
     try:
-        return _compiled[name](*args)
+        result = _compiled[name](*args)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as error:  # noqa: BLE001 - any compile failure: say why and fall back to eager
         _failed.append(" ".join(f"{type(error).__name__}: {error}".split()))  # one line
         warnings.warn(
@@ -74,9 +96,11 @@ def _call(name: str, formula: Callable, *args: Tensor | bool):
             f"(training is unaffected, only slower). torch.compile said: {_failed[0][:500]}. Install a C++ compiler "
             "(CPU) or Triton (GPU), or set compile_gate=False to silence this.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         return None
+    _ready.add(name)
+    return result
 
 
 def _forward(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:

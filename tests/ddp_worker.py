@@ -9,6 +9,8 @@ Scenarios:
         (DDP broadcasts rank 0's), and the validation loader is passed to ``fit``, so Lightning shards it per rank.
     nan_loss_rank1: as ``fit``, but the loss is NaN on rank 1 only, at step 3.
     nan_latent_rank1: as ``fit``, but one latent weight of rank 1 becomes NaN in the optimizer step of step 4.
+    unused_on_rank1: as ``fit`` with ``find_unused_parameters=True`` and one more Linear layer that only rank 0's
+        loss uses: the budget gradient of that layer must still be the same on both ranks.
 """
 
 from __future__ import annotations
@@ -63,9 +65,13 @@ class FaultyClassifier(PrunedClassifier):
     def __init__(self, scenario: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.scenario = scenario
+        if scenario == "unused_on_rank1":
+            self.extra = torch.nn.Linear(8, 8)
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
+        if self.scenario == "unused_on_rank1" and self.global_rank == 0:
+            loss = loss + 0.01 * self.extra(torch.ones(1, 8)).square().sum()
         if self.scenario == "nan_loss_rank1" and self.global_step == FAULT_STEP["nan_loss_rank1"]:
             if self.global_rank == 1:
                 loss = loss * float("nan")
@@ -79,7 +85,7 @@ def run(out_dir: str, scenario: str) -> None:
     budget = BudgetCallback(sparsity=SPARSITY)
     recorder = Recorder(budget, scenario)
     trainer = pl.Trainer(
-        strategy="ddp",
+        strategy="ddp_find_unused_parameters_true" if scenario == "unused_on_rank1" else "ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=2,

@@ -101,15 +101,17 @@ def test_step_cost_times_the_compiled_and_separate_budget_variants_too(step_cost
 
     torch._dynamo.reset()
     monkeypatch.setattr(compiled_gate, "BACKEND", "aot_eager")  # no C++ compiler needed in CI
-    monkeypatch.setattr(compiled_gate, "_compiled", {})
-    monkeypatch.setattr(compiled_gate, "_failed", [])
+    compiled_gate.reset()
     rows = step_cost.main([
         "--device", "cpu", "--models", "conv4", "--steps", "1", "--warmup", "1", "--batch-size", "4",
         "--width-scale", "0.125", "--threads", "1", "--compile-gate", "--budget-pass", "both",
     ])
     torch._dynamo.reset()
+    compiled = set(compiled_gate._compiled)
+    failed = list(compiled_gate._failed)
+    compiled_gate.reset()
     assert [r.variant for r in rows] == [*step_cost.VARIANTS, "reparam_separate", "reparam_compiled"]
-    assert {"forward", "backward_budget"} <= set(compiled_gate._compiled) and not compiled_gate._failed
+    assert {"forward", "backward_budget"} <= compiled and not failed
     assert rows[-1].time_ratio > 0 and rows[-1].memory_ratio == rows[1].memory_ratio
 
 

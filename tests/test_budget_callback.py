@@ -256,3 +256,47 @@ def test_the_backward_pass_adds_the_budget_gradient_and_the_rest_is_flushed(monk
     trainer.fit(module_cls(), DigitsDataModule(image_size=16, batch_size=32))
     assert probe.checked == 3
     assert counts == [flushed] * 3  # the requests went through the backward pass (not flushed), except the unused
+
+
+class _PathProbe(pl.Callback):
+    """After BudgetCallback: whether each step requested the budget gradient from the backward pass."""
+
+    def __init__(self, budget: BudgetCallback) -> None:
+        self.budget, self.requested = budget, []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.requested.append(self.budget._requested)
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs, in_backward",
+    [
+        (dict(), True),
+        (dict(precision="bf16-mixed"), True),  # autocast, no GradScaler: the loss is not scaled
+        (dict(accumulate_grad_batches=2), False),  # two backward passes per optimizer step
+    ],
+)
+def test_the_budget_gradient_goes_into_the_backward_pass_only_when_that_is_exact(trainer_kwargs, in_backward):
+    torch.manual_seed(0)
+    budget = BudgetCallback(sparsity=0.8, lambda_warmup=0.0)
+    probe = _PathProbe(budget)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[budget, probe], **trainer_kwargs)
+    trainer.fit(PlainClassifier(), DigitsDataModule(image_size=16, batch_size=32))
+    assert probe.requested and set(probe.requested) == {in_backward}
+
+
+class _FailsBeforeBackward(PlainClassifier):
+    """Raises in its own on_before_backward, which runs after BudgetCallback's has made its requests."""
+
+    def on_before_backward(self, loss) -> None:
+        self.pending = [layer.mask._pending_budget_grad.request is not None for layer in pruned_layers(self)]
+        raise RuntimeError("failed before backward")
+
+
+def test_requests_that_a_failed_step_left_behind_are_dropped():
+    module = _FailsBeforeBackward()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[BudgetCallback(lambda_warmup=0.0)])
+    with pytest.raises(RuntimeError, match="failed before backward"):
+        trainer.fit(module, DigitsDataModule(image_size=16, batch_size=32))
+    assert module.pending and all(module.pending)  # there were requests when the step failed
+    assert all(layer.mask.take_budget_grad() is None for layer in pruned_layers(module))  # and none is left

@@ -25,9 +25,9 @@ def backend(request, monkeypatch):
     """A fresh compiled-kernel state with the given torch.compile backend."""
     torch._dynamo.reset()
     monkeypatch.setattr(compiled_gate, "BACKEND", getattr(request, "param", "aot_eager"))
-    monkeypatch.setattr(compiled_gate, "_compiled", {})
-    monkeypatch.setattr(compiled_gate, "_failed", [])
+    compiled_gate.reset()
     yield compiled_gate.BACKEND
+    compiled_gate.reset()
     torch._dynamo.reset()
 
 
@@ -100,3 +100,17 @@ def test_reparametrize_and_the_callback_switch_the_compiled_kernels_on(backend, 
     trainer.fit(module, DigitsDataModule(image_size=16, batch_size=32))
     assert all(layer.mask.compile_gate for layer in pruned_layers(module))
     assert {"forward", "backward_budget"} <= set(compiled_gate._compiled) and not compiled_gate._failed
+
+
+def test_an_error_after_a_kernel_has_run_is_raised_not_taken_for_a_failed_compile(backend):
+    theta = torch.randn(6, 5)
+    _, fused = _masks(theta.shape, 0.5)
+    fused(theta)  # compiles and runs once
+
+    def failing_kernel(*args):
+        raise ValueError("a real error inside the kernel")
+
+    compiled_gate._compiled["forward"] = failing_kernel
+    with pytest.raises(ValueError, match="a real error inside the kernel"):
+        fused(theta)
+    assert not compiled_gate._failed  # the compiled kernels stay on

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = WORKER.parent.parent
-SCENARIOS = ("fit", "nan_loss_rank1", "nan_latent_rank1")
+SCENARIOS = ("fit", "nan_loss_rank1", "nan_latent_rank1", "unused_on_rank1")
 # about 20 s on 2 cores, minutes on a loaded machine; without a limit, a rank left waiting for the other would hang
 # until gloo's 30 min timeout
 TIMEOUT_S = 300
@@ -116,3 +116,17 @@ def test_a_nan_latent_on_one_rank_stops_every_rank_with_the_same_error(ranks):
         assert result["error"][0] == "NonFiniteError", result["traceback"]
         assert "Layer 'backbone.features.2' has non-finite latent weights on rank 1 after step 5" in result["error"][1]
         assert result["global_step"] == 5
+
+
+def test_a_layer_that_one_rank_does_not_reach_gets_the_same_update_on_both(ranks):
+    """With find_unused_parameters=True, a layer only rank 0's loss uses: adding its budget gradient in rank 0's
+    backward pass (all-reduced) and in rank 1's flush (not) would split the replicas; the callback adds it after the
+    backward pass there, so every gradient and latent stays identical."""
+    a, b = ranks["unused_on_rank1"]
+    assert "error" not in a and "error" not in b, a.get("traceback") or b.get("traceback")
+    assert len(a["latents"]) == len(ranks["fit"][0]["latents"]) + 1  # the extra layer is pruned too
+    for sa, sb in zip(a["steps"], b["steps"]):
+        for ga, gb in zip(sa["grads"], sb["grads"]):
+            assert torch.equal(ga, gb), sa["global_step"]
+        for la, lb in zip(sa["latents"], sb["latents"]):
+            assert torch.equal(la, lb), sa["global_step"]
