@@ -219,7 +219,10 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
                 record("oneshot", s, oneshot_prune(model.backbone, s), dm, 0.0)
     for s in sparsities:
         if "lightning_prune" in methods:
-            callback = BudgetCallback(sparsity=s, min_layer_keep=setup.args.min_layer_keep)
+            extra = {} if setup.args.budget_grad_temperature is None else {
+                "budget_grad_temperature": setup.args.budget_grad_temperature
+            }
+            callback = BudgetCallback(sparsity=s, min_layer_keep=setup.args.min_layer_keep, **extra)
             model, dm, seconds = train(setup, seed, [callback])
             record("lightning_prune", s, model.backbone, dm, seconds, callback.min_layer_keep)
         if "modelpruning" in methods:
@@ -281,6 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-layer-keep", type=float, default=None,
                    help="BudgetCallback(min_layer_keep=...) (default: the callback's: 1%%, at most half the keep share)")
+    p.add_argument("--budget-grad-temperature", type=float, default=None,
+                   help="BudgetCallback(budget_grad_temperature=...) (default: the callback's)")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for the whole run, recorded in the JSON (a guard against slow "
                         "subnormal arithmetic; a probe of a digits run at 0.98 found no subnormal latent, gradient or "

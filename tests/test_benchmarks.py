@@ -133,6 +133,22 @@ def test_step_cost_goals_and_per_model_steps(step_cost):
 
 
 # ------------------------------------------------------------------------------------------- accuracy_at_budget.py
+def test_accuracy_at_budget_passes_the_budget_grad_temperature_on(accuracy, monkeypatch):
+    seen = []
+
+    class RecordingCallback(BudgetCallback):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            seen.append(self.budget_grad_temperature)
+
+    monkeypatch.setattr(accuracy, "BudgetCallback", RecordingCallback)
+    accuracy.main([
+        "--seeds", "0", "--epochs", "1", "--sparsities", "0.9", "--width", "8", "--hidden", "16",
+        "--limit-train-batches", "2", "--threads", "1", "--methods", "lightning_prune", "--budget-grad-temperature", "0.3",
+    ])
+    assert seen == [0.3]
+
+
 def test_accuracy_at_budget_smoke(accuracy, tmp_path):
     csv_path, json_path = tmp_path / "accuracy.csv", tmp_path / "accuracy.json"
     sparsity = 0.95
