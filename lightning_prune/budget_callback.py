@@ -278,7 +278,7 @@ class BudgetCallback(Callback):
             self._requested = False
             flush_budget_gradient(self._layers)
             return
-        if self.finalized or self.lam == 0.0 or not self._layers or not self._optimizes_latents(optimizer):
+        if not self._adds_budget([optimizer]):
             return
         # the gradient of (λ · budget_loss).backward(), added into θ.grad directly (see add_budget_gradient)
         add_budget_gradient(self._layers, self.target_keep, self.mode, self.budget_grad_temperature, weight=self.lam)
@@ -302,19 +302,23 @@ class BudgetCallback(Callback):
         :func:`_ranks_reach_every_layer`), and an optimizer that trains the latent weights."""
         precision = trainer.precision_plugin
         return (
-            not self.finalized
-            and self.lam != 0.0
-            and bool(self._layers)
+            self._adds_budget(trainer.optimizers)
             and pl_module.automatic_optimization
             and trainer.accumulate_grad_batches == 1
             and type(precision) in (Precision, HalfPrecision, MixedPrecision)
             and getattr(precision, "scaler", None) is None
             and _ranks_reach_every_layer(trainer)
-            and any(self._optimizes_latents(optimizer) for optimizer in trainer.optimizers)
         )
 
-    def _optimizes_latents(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._latent_ids for group in optimizer.param_groups for p in group["params"])
+    def _adds_budget(self, optimizers: list[torch.optim.Optimizer]) -> bool:
+        """Whether a step of these optimizers gets a budget gradient: before finalisation, with λ > 0, and when one
+        of them trains the latent weights."""
+        return (
+            not self.finalized
+            and self.lam != 0.0
+            and bool(self._layers)
+            and any(id(p) in self._latent_ids for o in optimizers for group in o.param_groups for p in group["params"])
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:

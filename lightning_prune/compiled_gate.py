@@ -103,9 +103,13 @@ def _first_call(name: str, formula: Callable, *args: Tensor | bool):
     return result
 
 
-def _forward(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+def _gate(magnitude: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
     factor, offset = gate_factors(scale, threshold, temperature)
-    gate = torch.sigmoid(wide(theta).abs() * factor - offset)
+    return torch.sigmoid(magnitude * factor - offset)
+
+
+def _forward(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    gate = _gate(wide(theta).abs(), scale, threshold, temperature)
     return theta * gate.to(theta.dtype), gate.sum()
 
 
@@ -115,11 +119,7 @@ def _local_grad(theta, scale, threshold, temperature, grad_temperature, same: bo
     factor_b, offset_b = gate_factors(scale, threshold, slope_temperature(temperature, grad_temperature))
     scaled = magnitude * factor_b
     gate_b = torch.sigmoid(scaled - offset_b)
-    if same:
-        gate = gate_b
-    else:
-        factor, offset = gate_factors(scale, threshold, temperature)
-        gate = torch.sigmoid(magnitude * factor - offset)
+    gate = gate_b if same else _gate(magnitude, scale, threshold, temperature)
     return gate + scaled * gate_b * (1 - gate_b)
 
 
@@ -130,8 +130,8 @@ def _backward(theta, grad_out, scale, threshold, temperature, grad_temperature, 
 def _backward_with_budget(
     theta, grad_out, scale, threshold, temperature, grad_temperature, same: bool, coef, budget_temperature
 ) -> Tensor:
-    factor, offset = gate_factors(scale, threshold, budget_temperature)
-    gate = torch.sigmoid(wide(theta).abs() * factor - offset)
+    gate = _gate(wide(theta).abs(), scale, threshold, budget_temperature)
+    factor = torch.reciprocal(scale * budget_temperature)  # d/d|θ| of the gate's logit
     budget = (coef * factor) * torch.sign(theta) * gate * (1 - gate)
     local = _local_grad(theta, scale, threshold, temperature, grad_temperature, same)
     return (grad_out * local + budget).to(theta.dtype)

@@ -62,7 +62,8 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_total: Tensor | None):
-        args = (*ctx.saved_tensors[:1], grad_out, *ctx.saved_tensors[1:])  # θ, grad_out, s, c, T, T_grad
+        theta, *gate_inputs = ctx.saved_tensors  # s, c, T, T_grad
+        args = (theta, grad_out, *gate_inputs)
         budget = ctx.pending.take() if ctx.pending is not None else None
         grad = fused_masked_weight_grad(*args, budget) if ctx.fused else None
         if grad is None:
