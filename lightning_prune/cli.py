@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_prune.budget_callback import BudgetCallback
 from lightning_prune.export import make_permanent, save_pruned
 from lightning_prune.pruned_classifier import PrunedClassifier
-from lightning_prune.reparametrize import pruned_layers
+from lightning_prune.reparametrize import masked_parameters
 
 
 class PruneCLI(LightningCLI):
@@ -41,7 +41,7 @@ class PruneCLI(LightningCLI):
             return
         log_dir = trainer.log_dir or trainer.default_root_dir
         test_acc = trainer.callback_metrics.get("test/acc")
-        layers = pruned_layers(model)
+        layers = masked_parameters(model)
         if not layers or not all(bool(layer.mask.hard) for layer in layers):
             summary = ["", "lightning_prune summary (dense: no finalised BudgetCallback in this run)"]
             if test_acc is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.reparametrize import pruned_layers
+from lightning_prune.reparametrize import masked_parameters
 
 COMPACT_FORMAT = "lightning_prune.compact/1"
 
@@ -39,21 +39,23 @@ def make_permanent(model: nn.Module, inplace: bool = True) -> nn.Module:
         >>> int((plain[0].weight != 0).sum())
         10
     """
-    layers = pruned_layers(model)
-    if not layers:
-        raise ValueError("The model has no reparametrized layer: there is nothing to make permanent.")
-    soft = [layer.name for layer in layers if not bool(layer.mask.hard)]
+    params = masked_parameters(model)
+    if not params:
+        raise ValueError("The model has no reparametrized tensor: there is nothing to make permanent.")
+    soft = [p.name for p in params if not bool(p.mask.hard)]
     if soft:
         raise ValueError(
-            f"Layers {soft} still have soft masks: call lightning_prune.finalize(model, sparsity) "
+            f"{soft} still have soft masks: call lightning_prune.finalize(model, sparsity) "
             "(BudgetCallback does it at the end of fit) before exporting."
         )
     if not inplace:
         model = copy.deepcopy(model)
-    for layer in pruned_layers(model):
-        if not inplace:
-            _own_class(layer.module)
-        parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
+    owned = set()
+    for p in masked_parameters(model):
+        if not inplace and id(p.module) not in owned:
+            _own_class(p.module)
+            owned.add(id(p.module))
+        parametrize.remove_parametrizations(p.module, p.param_name, leave_parametrized=True)
     return model
 
 
@@ -86,7 +88,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
         >>> int((state["0.weight"] != 0).sum())
         500
     """
-    if pruned_layers(model):
+    if masked_parameters(model):
         model = make_permanent(model, inplace=False)
     dense: dict[str, Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.budget import BUDGET_MODES
-from lightning_prune.reparametrize import PrunedLayer, pruned_layers
+from lightning_prune.budget import BudgetMode, budget_count, layer_floor
+from lightning_prune.reparametrize import MaskedParameter, masked_parameters
 
 
 @dataclass
@@ -25,30 +26,12 @@ class FinalizeResult:
         return self.kept / self.total
 
 
-def budget_count(total: int, sparsity: float) -> int:
-    """Number of weights kept at ``sparsity``: ``round((1 − sparsity)·total)`` (Python's round, half to even)."""
-    check_sparsity(sparsity)
-    return int(round((1.0 - sparsity) * total))
-
-
-def check_sparsity(sparsity: float) -> None:
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-        raise ValueError(
-            f"sparsity is the share of weights removed and must be in [0, 1), got {sparsity!r}. "
-            "For example sparsity=0.9 keeps 10% of the weights."
-        )
-
-
-def layer_floor(numel: int, min_layer_keep: float) -> int:
-    """Weights a layer keeps at least: ``ceil(min_layer_keep·numel)``, and at least one when the floor is > 0."""
-    if min_layer_keep <= 0:
-        return 0
-    return min(numel, max(1, math.ceil(min_layer_keep * numel)))
-
-
 @torch.no_grad()
 def finalize(
-    model: nn.Module | list[PrunedLayer], sparsity: float, min_layer_keep: float = 0.0, mode: str = "global"
+    model: nn.Module | list[MaskedParameter],
+    sparsity: float,
+    min_layer_keep: float = 0.0,
+    mode: BudgetMode = "global",
 ) -> FinalizeResult:
     """Replace the soft masks by hard ones that keep exactly ``round((1 − sparsity)·N)`` weights.
 
@@ -68,13 +51,13 @@ def finalize(
         >>> finalize(model, sparsity=0.9).kept
         10
     """
-    if mode not in BUDGET_MODES:
-        raise ValueError(f"mode must be one of {BUDGET_MODES}, got {mode!r}.")
+    if mode not in get_args(BudgetMode):
+        raise ValueError(f"mode must be one of {get_args(BudgetMode)}, got {mode!r}.")
     if not 0.0 <= min_layer_keep <= 1.0:
         raise ValueError(f"min_layer_keep is a share of each layer in [0, 1], got {min_layer_keep}.")
-    layers = model if isinstance(model, list) else pruned_layers(model)
+    layers = model if isinstance(model, list) else masked_parameters(model)
     if not layers:
-        raise ValueError("No reparametrized layer to finalise: call lightning_prune.reparametrize(model) first.")
+        raise ValueError("No reparametrized tensor to finalise: call lightning_prune.reparametrize(model) first.")
     sizes = [layer.numel for layer in layers]
     total = sum(sizes)
     budget = budget_count(total, sparsity)

@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_prune.budget import hard_kept_counts, soft_kept_shares
-from lightning_prune.reparametrize import PrunedLayer, pruned_layers
+from lightning_prune.budget import hard_kept_counts, soft_kept_counts
+from lightning_prune.reparametrize import MaskedParameter, masked_parameters
 
 
 @dataclass
@@ -123,7 +123,7 @@ class PruningInspector(Callback):
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = pruned_layers(pl_module)
+        layers = masked_parameters(pl_module)
         if not self._inspected_hard and layers and all(bool(layer.mask.hard) for layer in layers):
             # the masks were hardened after the last inspection (early stopping, an epoch that was not inspected)
             snapshots = self._inspect(trainer, pl_module)
@@ -151,7 +151,7 @@ class PruningInspector(Callback):
     # -------------------------------------------------------------- internals
     @torch.no_grad()
     def _inspect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[LayerSnapshot] | None:
-        layers = pruned_layers(pl_module)
+        layers = masked_parameters(pl_module)
         if not layers:
             self._warn_once(
                 "layers",
@@ -261,7 +261,7 @@ class PruningInspector(Callback):
 
 
 @torch.no_grad()
-def layer_snapshots(layers: list[PrunedLayer], bins: int = 64, max_score: float | None = None) -> list[LayerSnapshot]:
+def layer_snapshots(layers: list[MaskedParameter], bins: int = 64, max_score: float | None = None) -> list[LayerSnapshot]:
     """Measure every layer: kept counts, soft shares, threshold and a histogram of ``|θ|/s`` on shared bin edges.
 
     The histogram is computed where the weights live (``torch.histc``); only ``bins`` numbers per layer are copied
@@ -272,7 +272,7 @@ def layer_snapshots(layers: list[PrunedLayer], bins: int = 64, max_score: float 
         >>> from lightning_prune import reparametrize
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> _ = reparametrize(model)
-        >>> [snapshot] = layer_snapshots(pruned_layers(model), bins=16)
+        >>> [snapshot] = layer_snapshots(masked_parameters(model), bins=16)
         >>> int(snapshot.counts.sum()), snapshot.numel
         (64, 64)
     """
@@ -283,7 +283,7 @@ def layer_snapshots(layers: list[PrunedLayer], bins: int = 64, max_score: float 
     counts = hard_kept_counts(layers)
     soft = [None] * len(layers)
     if not all(bool(layer.mask.hard) for layer in layers):
-        soft = [float(v) for v in soft_kept_shares(layers)[1]]
+        soft = [k / n for k, n in soft_kept_counts(layers).values()]
     snapshots = []
     for layer, score, soft_share in zip(layers, scores, soft):
         hard = bool(layer.mask.hard)

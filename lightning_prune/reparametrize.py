@@ -1,11 +1,18 @@
-"""Attach :class:`MagnitudeMask` to the prunable weights of any torch model, and find them again."""
+"""Which tensors the budget covers, and attaching :class:`MagnitudeMask` to them.
+
+The rule works on parameters, not module classes: by default every weight matrix or kernel that multiplies
+activations — a parameter of 2 or more dimensions named ``weight`` or ``*_weight`` (``Linear``, ``ConvNd``, Hugging
+Face's ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``, timm's layers) — and not embeddings (unless
+``embeddings=True``), norms, biases, positional tables or class tokens. A tensor shared by several modules (tied
+weights) is left dense, so that every module that reads it computes with the same tensor in training and after export.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -13,140 +20,202 @@ from torch.nn.utils import parametrize
 
 from lightning_prune.magnitude_mask import MagnitudeMask
 
-#: Module types whose ``weight`` is pruned by default.
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: Module types whose weight is an embedding table (pruned only with ``embeddings=True``).
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
-_LATENT_SUFFIX = ".parametrizations.weight.original"
+_LATENT = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.original$")
 _COMPILED = "_orig_mod"  # torch.compile's wrapper holds the module under this name, which enters the keys
 
 
 @dataclass(frozen=True)
-class PrunedLayer:
-    """One reparametrized weight: the module's qualified name, the module, and its mask."""
+class MaskedParameter:
+    """One reparametrized tensor: its qualified name (``"features.0.weight"``), its module, and its mask."""
 
     name: str
     module: nn.Module
+    param_name: str
     mask: MagnitudeMask
 
     @property
     def latent(self) -> Tensor:
-        """The trained latent tensor θ (a ``torch.nn.Parameter``)."""
-        return self.module.parametrizations.weight.original
+        """The trained latent tensor θ (the ``nn.Parameter`` the optimizer updates)."""
+        return self.module.parametrizations[self.param_name].original
 
     @property
     def numel(self) -> int:
         return self.latent.numel()
 
 
-def pruned_layers(model: nn.Module) -> list[PrunedLayer]:
-    """The reparametrized weights of ``model``, in module order.
+def masked_parameters(model: nn.Module) -> list[MaskedParameter]:
+    """The reparametrized tensors of ``model``, in module order.
 
     Example:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> _ = reparametrize(model)
-        >>> [layer.name for layer in pruned_layers(model)]
-        ['0', '2']
+        >>> [p.name for p in masked_parameters(model)]
+        ['0.weight', '2.weight']
     """
-    layers = []
-    for name, module in model.named_modules():
-        mask = _mask_of(module)
-        if mask is not None:
-            layers.append(PrunedLayer(name, module, mask))
-    return layers
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, chain in module.parametrizations.items():
+            mask = next((p for p in chain if isinstance(p, MagnitudeMask)), None)
+            if mask is not None:
+                found.append(MaskedParameter(_join(module_name, param_name), module, param_name, mask))
+    return found
 
 
-def is_reparametrized(model: nn.Module) -> bool:
-    """True when at least one weight of ``model`` carries a :class:`MagnitudeMask`."""
-    return any(_mask_of(m) is not None for m in model.modules())
+@dataclass
+class Coverage:
+    """What the budget covers: the chosen tensors, and the model's matrix weights and parameters in all.
+
+    ``left_out`` lists the largest matrix weights not covered, as ``(name, numel, why)``.
+    """
+
+    names: list[str]
+    covered: int
+    matrix_weights: int
+    parameters: int
+    left_out: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def share_of_matrix_weights(self) -> float:
+        return self.covered / self.matrix_weights if self.matrix_weights else 0.0
+
+    def summary(self) -> str:
+        text = (
+            f"the budget covers {len(self.names)} tensors, {self.covered:,} of the model's {self.matrix_weights:,} "
+            f"matrix weights ({self.share_of_matrix_weights:.1%}; {self.covered / max(1, self.parameters):.1%} of all "
+            f"{self.parameters:,} parameters)"
+        )
+        if self.left_out:
+            text += "; largest left out: " + ", ".join(f"{n} ({k:,}, {why})" for n, k, why in self.left_out[:3])
+        return text
 
 
-def prunable_modules(
-    model: nn.Module, layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES
-) -> dict[str, nn.Module]:
-    """The modules of ``model`` that :func:`reparametrize` can prune: of ``layer_types``, with a tensor ``weight``."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, tuple(layer_types)) and isinstance(getattr(module, "weight", None), Tensor)
+def coverage(model: nn.Module, embeddings: bool = False) -> Coverage:
+    """Describe what :func:`reparametrize` covered in ``model`` (call it after).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> _ = reparametrize(model)
+        >>> coverage(model).summary()
+        "the budget covers 1 tensors, 16 of the model's 56 matrix weights (28.6%; 26.7% of all 60 parameters); largest left out: 0.weight (40, embedding)"
+    """
+    covered = {p.name: p.numel for p in masked_parameters(model)}
+    matrices, why = _matrix_weights(model, embeddings)
+    left = sorted(((n, t.numel(), why[n]) for n, t in matrices.items() if n not in covered), key=lambda r: -r[1])
+    return Coverage(
+        names=list(covered),
+        covered=sum(covered.values()),
+        matrix_weights=sum(t.numel() for t in matrices.values()),
+        parameters=sum(p.numel() for p in model.parameters()),
+        left_out=left[:5],
+    )
+
+
+def prunable_parameters(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    embeddings: bool = False,
+    select: Callable[[str, Tensor], bool] | None = None,
+) -> dict[str, tuple[nn.Module, str]]:
+    """The tensors :func:`reparametrize` would mask: ``{qualified name: (module, parameter name)}``.
+
+    Patterns match a tensor's qualified name (``"features.0.weight"``) or its module's (``"features.0"``); a pattern is
+    a glob, or a regular expression matched in full when prefixed with ``re:``. ``select(name, tensor)`` filters
+    further. Raises ``ValueError`` naming the candidates when a pattern matches nothing or nothing is left.
+    """
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):
+            raise TypeError(f"`{arg}` takes a list of patterns, got the string {patterns!r}: write [{patterns!r}].")
+    matrices, why = _matrix_weights(model, embeddings)
+    candidates = {name: _owner(model, name) for name, reason in why.items() if reason == ""}
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no tensor to prune (no weight of 2 or more dimensions outside embeddings, "
+            "and not shared between modules). Remove the callback, or pass embeddings=True to prune embeddings."
+        )
+    keys = {name: (name, name.rpartition(".")[0]) for name in candidates}
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(_matches(pattern, k) for k in keys.values()):
+                tied = [n for n, r in why.items() if r.startswith("shared") and _matches(pattern, (n, n))]
+                hint = f" {tied} match it but are shared with another module and stay dense." if tied else ""
+                raise ValueError(
+                    f"The {arg} pattern {pattern!r} matches no prunable tensor.{hint} Prunable tensors: "
+                    f"{list(candidates)}. Patterns are globs, or regular expressions prefixed with 're:'."
+                )
+    chosen = {
+        name: owner
+        for name, owner in candidates.items()
+        if (not include or any(_matches(p, keys[name]) for p in include))
+        and not any(_matches(p, keys[name]) for p in exclude or ())
+        and (select is None or select(name, matrices[name]))
     }
+    if not chosen:
+        raise ValueError("include/exclude/select leave no tensor to prune; loosen them.")
+    return chosen
 
 
 def reparametrize(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    embeddings: bool = False,
+    select: Callable[[str, Tensor], bool] | None = None,
     threshold: float = 1.0,
     temperature: float = 0.5,
     grad_temperature: float = 0.1,
     preserve_scale: bool = True,
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
-    compile_gate: bool = False,
 ) -> list[str]:
-    """Reparametrize the ``weight`` of every prunable layer of ``model`` in place: ``w = θ ⊙ σ((|θ|/s − c)/T)``.
+    """Reparametrize the prunable tensors of ``model`` in place: ``w = θ ⊙ σ((|θ|/s − c)/T)``.
 
-    The trained parameter stays the same ``nn.Parameter`` object (now ``module.parametrizations.weight.original``),
-    so the parameter count is unchanged and no trainable parameter is added. A layer that already carries a
-    :class:`MagnitudeMask` is left alone: calling this twice never wraps a weight twice.
+    The trained parameter stays the same ``nn.Parameter`` object (now ``module.parametrizations.<name>.original``),
+    so no trainable parameter is added. A tensor that already carries a :class:`MagnitudeMask` is left alone.
 
     Args:
         model: any ``nn.Module``.
-        include: module-name patterns to prune (default: every layer of ``layer_types``). A pattern is a glob
-            (``"features.*"``) or, prefixed with ``re:``, a regular expression matched in full (``"re:layer[34]\\..*"``).
-        exclude: module-name patterns to leave dense (same syntax), applied after ``include``.
-        threshold: normalised threshold ``c``, shared by all layers.
-        temperature: initial temperature ``T`` (the callback's ``temperature_start``).
+        include: patterns of the tensors to prune (default: every tensor of the rule in this module's docstring).
+        exclude: patterns of tensors to leave dense, applied after ``include``.
+        embeddings: also prune embedding tables.
+        select: ``select(name, tensor) -> bool``, a further filter (Python only).
+        threshold: normalised threshold ``c``, shared by all tensors.
+        temperature: initial temperature ``T``.
         grad_temperature: floor on the temperature of the backward pass (bounds the gradient near the threshold).
         preserve_scale: rescale θ and ``s`` together so that the effective weight θ·h has the standard deviation
-            the backbone's initialisation intended (without it, half the weights start gated off and a deep network
-            without batch norm may not learn).
-        layer_types: module types whose ``weight`` is prunable.
-        compile_gate: run the masks' forward and backward as fused kernels compiled by torch.compile (see
-            :mod:`lightning_prune.compiled_gate`): faster, needs a C++ compiler on the CPU or Triton on a GPU.
+            the initialisation intended (otherwise about half the weights start gated off and a deep network without
+            batch norm may not learn).
 
     Returns:
-        The names of the modules reparametrized by this call (empty when all were already).
-
-    Raises:
-        ValueError: if nothing is prunable, or a pattern matches no prunable layer (the message lists the names).
+        The qualified names of the tensors reparametrized by this call.
 
     Example:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
         >>> before = sum(p.numel() for p in model.parameters())
         >>> reparametrize(model, exclude=["2"])
-        ['0']
+        ['0.weight']
         >>> sum(p.numel() for p in model.parameters()) == before
         True
     """
-    candidates = prunable_modules(model, layer_types)
-    if not candidates:
-        kinds = ", ".join(t.__name__ for t in layer_types)
-        raise ValueError(
-            f"{type(model).__name__} has no prunable layer (no module of type {kinds} with a weight). "
-            "Pass `layer_types` with the module types to prune."
-        )
-    chosen = _select(candidates, include, exclude)
     attached = []
-    for name in chosen:
-        module = candidates[name]
-        if _mask_of(module) is not None:
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(
-                f"{name}.weight already has another parametrization ({module.parametrizations.weight}); "
-                "remove it or exclude the layer."
-            )
-        _attach(module, threshold, temperature, grad_temperature, preserve_scale)
-        _mask_of(module).compile_gate = compile_gate
+    for name, (module, param_name) in prunable_parameters(model, include, exclude, embeddings, select).items():
+        if parametrize.is_parametrized(module, param_name):
+            if any(isinstance(p, MagnitudeMask) for p in module.parametrizations[param_name]):
+                continue
+            raise ValueError(f"{name} already has another parametrization; remove it or exclude the tensor.")
+        _attach(module, param_name, threshold, temperature, grad_temperature, preserve_scale)
         attached.append(name)
     return attached
 
 
 def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Attach masks to the layers of ``model`` that are reparametrized in ``state_dict``, so it loads with strict=True.
-
-    Use it to load a checkpoint of a reparametrized model into a freshly built one.
+    """Attach masks to the tensors of ``model`` that are reparametrized in ``state_dict``, so it loads with strict=True.
 
     Example:
         >>> import torch
@@ -154,88 +223,98 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
         >>> _ = reparametrize(trained)
         >>> fresh = torch.nn.Sequential(torch.nn.Linear(4, 2))
         >>> reparametrize_like(fresh, trained.state_dict())
-        ['0']
+        ['0.weight']
         >>> fresh.load_state_dict(trained.state_dict(), strict=True)
         <All keys matched successfully>
     """
     modules = dict(model.named_modules())
     attached = []
     for key, value in state_dict.items():
-        if not key.endswith(_LATENT_SUFFIX):
-            continue
-        name = key[: -len(_LATENT_SUFFIX)]
-        module = modules.get(name)
-        if module is None or not isinstance(getattr(module, "weight", None), Tensor):
-            if any(_COMPILED in n.split(".") for n in (name, *modules)):
+        match = _LATENT.match(key)
+        if match is None or key.replace(".original", ".0.hard") not in state_dict:
+            continue  # not a tensor masked by lightning_prune (another parametrization)
+        module_name, param_name = match["module"] or "", match["param"]
+        name = _join(module_name, param_name)
+        module = modules.get(module_name)
+        masked = module is not None and parametrize.is_parametrized(module, param_name)
+        current = module.parametrizations[param_name].original if masked else getattr(module, param_name, None)
+        if not isinstance(current, Tensor):
+            if any(_COMPILED in n.split(".") for n in (module_name, *modules)):
                 raise ValueError(
-                    f"The state_dict reparametrizes '{name}.weight' but the model has no such weight: one of the two "
-                    "comes from a torch.compile'd module, whose keys contain '_orig_mod.'. Compile the model the same "
-                    "way before loading, or add/remove '_orig_mod.' in the state_dict's keys."
+                    f"The state_dict reparametrizes '{name}' but the model has no such tensor: one of the two comes "
+                    "from a torch.compile'd module, whose keys contain '_orig_mod.'. Compile the model the same way "
+                    "before loading, or add/remove '_orig_mod.' in the state_dict's keys."
                 )
-            raise ValueError(
-                f"The state_dict reparametrizes '{name}.weight' but the model has no such weight: "
-                "it comes from another architecture."
-            )
-        masked = _mask_of(module) is not None
-        shape = tuple((module.parametrizations.weight.original if masked else module.weight).shape)
-        if shape != tuple(value.shape):
-            raise ValueError(
-                f"'{name}.weight' has shape {shape} in the model but {tuple(value.shape)} "
-                "in the state_dict: the checkpoint comes from another model."
-            )
-        if masked:
-            continue
-        mask = MagnitudeMask(module.weight.shape, scale=1.0)
-        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
-        attached.append(name)
+            raise ValueError(f"The state_dict reparametrizes '{name}' but the model has no such tensor: "
+                             "it comes from another architecture.")
+        if tuple(current.shape) != tuple(value.shape):
+            raise ValueError(f"'{name}' has shape {tuple(current.shape)} in the model but {tuple(value.shape)} in the "
+                             "state_dict: the checkpoint comes from another model.")
+        if not masked:
+            parametrize.register_parametrization(module, param_name, MagnitudeMask(current.shape, 1.0), unsafe=True)
+            attached.append(name)
     return attached
 
 
-def _attach(module: nn.Module, threshold: float, temperature: float, grad_temperature: float, rescale: bool) -> None:
-    weight = module.weight
+def _matrix_weights(model: nn.Module, embeddings: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every weight matrix of ``model`` by qualified name (parametrized ones under their plain name), and why each
+    one is not a candidate (``""`` when it is)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    matrices, why = {}, {}
+    for module_name, module in model.named_modules():
+        direct = dict(module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            direct.update({n: chain.original for n, chain in module.parametrizations.items()})
+            direct.pop("parametrizations", None)
+        for param_name, p in direct.items():
+            if p.dim() < 2 or not (param_name == "weight" or param_name.endswith("_weight")):
+                continue
+            name = _join(module_name, param_name)
+            if name in matrices:
+                continue
+            matrices[name] = p
+            shared = [n for n in owners.get(id(p), []) if not n.startswith(_prefix(module_name))]
+            if shared:
+                why[name] = f"shared with {shared[0]}"
+            elif isinstance(module, EMBEDDING_TYPES) and not embeddings:
+                why[name] = "embedding"
+            else:
+                why[name] = ""
+    return matrices, why
+
+
+def _prefix(module_name: str) -> str:
+    return f"{module_name}." if module_name else ""
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, param_name = name.rpartition(".")
+    return model.get_submodule(module_name), param_name
+
+
+def _join(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _matches(pattern: str, names: tuple[str, str]) -> bool:
+    regex = re.compile(pattern[3:]) if pattern.startswith("re:") else re.compile(fnmatch.translate(pattern))
+    return any(regex.fullmatch(n) for n in names)
+
+
+def _attach(
+    module: nn.Module, param_name: str, threshold: float, temperature: float, grad_temperature: float, rescale: bool
+) -> None:
+    weight = getattr(module, param_name)
     with torch.no_grad():
         scale = weight.abs().mean().item()
         if not scale > 0 or not torch.isfinite(weight).all():
-            raise ValueError(f"Cannot reparametrize a weight that is all zeros or not finite ({type(module).__name__}).")
+            raise ValueError(f"Cannot reparametrize {type(module).__name__}.{param_name}: all zeros or not finite.")
         mask = MagnitudeMask(weight.shape, scale, threshold, temperature, grad_temperature).to(weight.device)
         if rescale:
-            effective = weight * mask.soft_gate(weight)
+            effective = mask(weight)
             factor = (weight.std() / effective.std().clamp_min(1e-12)).item()
             weight.mul_(factor)
             mask.scale.mul_(factor)
-    parametrize.register_parametrization(module, "weight", mask, unsafe=True)
-
-
-def _mask_of(module: nn.Module) -> MagnitudeMask | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    for p in module.parametrizations.weight:
-        if isinstance(p, MagnitudeMask):
-            return p
-    return None
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    if pattern.startswith("re:"):
-        return re.compile(pattern[3:])
-    return re.compile(fnmatch.translate(pattern))
-
-
-def _select(candidates: Mapping[str, nn.Module], include: Iterable[str] | None, exclude: Iterable[str] | None):
-    names = list(candidates)
-    for arg, patterns in (("include", include), ("exclude", exclude)):
-        if isinstance(patterns, str):
-            raise TypeError(f"`{arg}` takes a list of patterns, got the string {patterns!r}: write [{patterns!r}].")
-        for pattern in patterns or ():
-            if not any(_compile(pattern).fullmatch(n) for n in names):
-                raise ValueError(
-                    f"The {arg} pattern {pattern!r} matches no prunable layer. Prunable layers: {names}. "
-                    "Patterns are globs, or regular expressions prefixed with 're:'."
-                )
-    if include:
-        names = [n for n in names if any(_compile(p).fullmatch(n) for p in include)]
-    if exclude:
-        names = [n for n in names if not any(_compile(p).fullmatch(n) for p in exclude)]
-    if not names:
-        raise ValueError("include/exclude leave no layer to prune; loosen the patterns.")
-    return names
+    parametrize.register_parametrization(module, param_name, mask, unsafe=True)

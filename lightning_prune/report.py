@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.export import COMPACT_FORMAT, load_pruned, save_pruned
-from lightning_prune.finalization import budget_count
+from lightning_prune.budget import budget_count
 
 #: Module types whose MACs the report counts (the output size per sample comes from a forward hook).
 MAC_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -1,12 +1,11 @@
-"""Schedules of λ, temperature and target keep share, as pure functions of training progress in [0, 1]."""
+"""The target keep share and the gate's temperature, as pure functions of training progress in [0, 1]."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
-LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
-TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential", "cosine")
-TARGET_SCHEDULES = ("constant", "linear", "cubic")
+TargetSchedule = Literal["cubic", "linear", "constant"]
 
 
 def ramp(progress: float, start: float, end: float) -> float:
@@ -16,36 +15,16 @@ def ramp(progress: float, start: float, end: float) -> float:
     return min(1.0, max(0.0, (progress - start) / (end - start)))
 
 
-def lambda_at(progress: float, lambda_max: float, schedule: str, warmup: float) -> float:
-    """λ: ``constant`` at λ_max, or rising from 0 to λ_max over the first ``warmup`` share of training
-    (``linear`` or half-``cosine``), then constant."""
-    if schedule == "constant":
-        return lambda_max
-    r = ramp(progress, 0.0, warmup)
-    if schedule == "linear":
-        return lambda_max * r
-    if schedule == "cosine":
-        return lambda_max * 0.5 * (1.0 - math.cos(math.pi * r))
-    raise ValueError(f"lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {schedule!r}.")
-
-
-def temperature_at(progress: float, start: float, end: float, schedule: str) -> float:
-    """Temperature from ``start`` down to ``end`` over the whole training (``exponential`` = geometric)."""
-    if schedule == "constant":
-        return start
-    if schedule == "linear":
-        return start + (end - start) * progress
-    if schedule == "exponential":
-        return start * (end / start) ** progress
-    if schedule == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, got {schedule!r}.")
-
-
-def target_keep_at(progress: float, keep: float, schedule: str, start: float, end: float) -> float:
+def target_keep_at(progress: float, keep: float, schedule: TargetSchedule, start: float, end: float) -> float:
     """Target keep share from 1 down to ``keep`` between the ``start`` and ``end`` shares of training.
 
     ``cubic`` is the gradual-pruning schedule ``keep + (1 − keep)(1 − r)³``: fast at first, gentle near the budget.
+
+    Example:
+        >>> [round(target_keep_at(p, 0.1, "cubic", 0.0, 0.4), 4) for p in (0.0, 0.2, 0.4, 1.0)]
+        [1.0, 0.2125, 0.1, 0.1]
+        >>> [round(target_keep_at(p, 0.1, "linear", 0.0, 0.4), 4) for p in (0.0, 0.2, 0.4)]
+        [1.0, 0.55, 0.1]
     """
     if schedule == "constant":
         return keep
@@ -54,4 +33,16 @@ def target_keep_at(progress: float, keep: float, schedule: str, start: float, en
         return 1.0 - (1.0 - keep) * r
     if schedule == "cubic":
         return keep + (1.0 - keep) * (1.0 - r) ** 3
-    raise ValueError(f"target_schedule must be one of {TARGET_SCHEDULES}, got {schedule!r}.")
+    raise ValueError(f"target_schedule must be one of {TargetSchedule.__args__}, got {schedule!r}.")
+
+
+def temperature_at(progress: float, start: float, end: float, ramp_end: float) -> float:
+    """The gate's temperature: geometric from ``start`` to ``end`` over ``[0, ramp_end]``, then 0 (the step gate).
+
+    Example:
+        >>> [round(temperature_at(p, 0.5, 0.02, 0.4), 4) for p in (0.0, 0.2, 0.3999, 0.4, 1.0)]
+        [0.5, 0.1, 0.0201, 0.0, 0.0]
+    """
+    if progress >= ramp_end:
+        return 0.0
+    return start * (end / start) ** (progress / ramp_end) if math.isfinite(progress) else start

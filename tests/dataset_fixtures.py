@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch import nn
 
 CIFAR10_LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -65,6 +67,33 @@ def write_cifar10_batch(path: str | os.PathLike, data: np.ndarray, labels: list[
 def read_cifar10_batch(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         return pickle.load(f, encoding="bytes")
+
+
+def tar_cifar10(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
+    """Pack ``folder`` (a ``cifar-10-batches-py/``) into the gzipped tar ``archive``, as the official release is."""
+    folder, archive = Path(folder), Path(archive)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive
+
+
+# ---------------------------------------------------------------------- the budget, computed apart from the library
+def expected_kept(model: nn.Module, sparsity: float) -> tuple[int, int]:
+    """``(kept, total)`` that pruning ``model`` to ``sparsity`` must give: ``round((1 - sparsity) * N)`` of the ``N``
+    weights of its Conv and Linear layers (the default prunable layers), counted before it is reparametrized."""
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, layers))
+    try:
+        from lightning_prune import budget_count
+    except ImportError:  # the formula it implements
+        return int(round((1.0 - sparsity) * total)), total
+    return budget_count(total, sparsity), total
+
+
+def count_nonzero_weights(model: nn.Module) -> int:
+    """Non-zero weights of the Conv and Linear layers of a plain (not reparametrized) ``model``."""
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return sum(int((m.weight != 0).sum()) for m in model.modules() if isinstance(m, layers))
 
 
 # ---------------------------------------------------------------------- Tiny ImageNet

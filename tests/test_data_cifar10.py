@@ -10,16 +10,30 @@ import pytest
 import torch
 from torchvision import transforms
 
-from lightning_prune import BudgetCallback, PrunedClassifier
+from lightning_prune import BudgetCallback, PrunedClassifier, make_permanent
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 from lightning_prune.data import CIFAR10DataModule
 from lightning_prune.data import cifar10 as cifar10_module
 from lightning_prune.data.epoch_sampler import EpochSeededSampler
 
 try:
-    from dataset_fixtures import read_cifar10_batch, write_cifar10, write_cifar10_batch
+    from dataset_fixtures import (
+        count_nonzero_weights,
+        expected_kept,
+        read_cifar10_batch,
+        tar_cifar10,
+        write_cifar10,
+        write_cifar10_batch,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.dataset_fixtures import read_cifar10_batch, write_cifar10, write_cifar10_batch
+    from tests.dataset_fixtures import (
+        count_nonzero_weights,
+        expected_kept,
+        read_cifar10_batch,
+        tar_cifar10,
+        write_cifar10,
+        write_cifar10_batch,
+    )
 
 ROWS = 20  # per batch: 100 training and 20 test images
 
@@ -200,6 +214,28 @@ def test_truncated_batch(data_dir):
         make(data_dir).setup()
 
 
+def test_truncated_archive(tmp_path, monkeypatch):
+    """A cut-off cifar-10-python.tar.gz (an interrupted download) fails with an error that says what to delete."""
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test tried to download")
+
+    monkeypatch.setattr(tv_utils, "_urlretrieve", no_network)
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", no_network)
+    archive = tar_cifar10(write_cifar10(tmp_path / "staging", rows_per_batch=ROWS), tmp_path / "full.tar.gz")
+    content = archive.read_bytes()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "cifar-10-python.tar.gz").write_bytes(content[: len(content) // 2])
+    dm = make(data_dir, download=True)  # the archive is there: torchvision extracts it without downloading
+    with pytest.raises(RuntimeError, match=r"Could not download or extract CIFAR10") as err:
+        dm.prepare_data()
+    assert str(data_dir / "cifar-10-python.tar.gz") in str(err.value) and "delete it" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="did not find"):
+        make(data_dir, download=True).setup()  # the part extracted before the cut is never read as the data set
+
+
 def test_wrong_checksum(data_dir):
     with pytest.raises(RuntimeError, match="data_batch_1 is corrupt: its md5 is"):
         make(data_dir, verify_checksums=True).setup()
@@ -232,7 +268,9 @@ def test_batch_with_wrong_shape(data_dir):
 )
 def test_short_fit(data_dir, backbone, one_thread):
     dm = make(data_dir)
-    model = PrunedClassifier(backbone(), num_classes=10)
+    net = backbone()
+    kept, total = expected_kept(net, 0.5)
+    model = PrunedClassifier(net, num_classes=10)
     budget = BudgetCallback(sparsity=0.5)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
@@ -240,7 +278,8 @@ def test_short_fit(data_dir, backbone, one_thread):
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and budget.finalized
-    assert 0 < budget.report["kept_share"] <= 0.5 + 1e-6
+    assert (budget.report["kept"], budget.report["total"]) == (kept, total)  # exactly the budget, not just under it
+    assert count_nonzero_weights(make_permanent(model.backbone, inplace=False)) == kept
 
 
 def test_datasets_pickle_for_spawned_workers(data_dir):

@@ -12,18 +12,29 @@ import pytest
 import torch
 from torchvision import transforms
 
-from lightning_prune import BudgetCallback, PrunedClassifier
+from lightning_prune import BudgetCallback, PrunedClassifier, make_permanent
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 from lightning_prune.data import TinyImageNetDataModule
 from lightning_prune.data import tinyimagenet as tiny_module
 from lightning_prune.data.tinyimagenet import VAL_SORTED_MARKER, sort_val_images
 
 try:
-    from dataset_fixtures import TINY_WNIDS, copy_tree, relative_files, val_annotations, write_tinyimagenet, zip_tree
+    from dataset_fixtures import (
+        TINY_WNIDS,
+        copy_tree,
+        count_nonzero_weights,
+        expected_kept,
+        relative_files,
+        val_annotations,
+        write_tinyimagenet,
+        zip_tree,
+    )
 except ImportError:  # tests/ imported as a package
     from tests.dataset_fixtures import (
         TINY_WNIDS,
         copy_tree,
+        count_nonzero_weights,
+        expected_kept,
         relative_files,
         val_annotations,
         write_tinyimagenet,
@@ -357,7 +368,9 @@ def test_sorted_val_image_deleted_later(data_dir):
 )
 def test_short_fit(data_dir, backbone, one_thread):
     dm = make(data_dir)
-    model = PrunedClassifier(backbone(), num_classes=200)
+    net = backbone()
+    kept, total = expected_kept(net, 0.5)
+    model = PrunedClassifier(net, num_classes=200)
     budget = BudgetCallback(sparsity=0.5)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
@@ -365,7 +378,8 @@ def test_short_fit(data_dir, backbone, one_thread):
     )
     trainer.fit(model, datamodule=dm)  # runs prepare_data (sorting val/) and setup
     assert trainer.global_step == 2 and budget.finalized
-    assert 0 < budget.report["kept_share"] <= 0.5 + 1e-6
+    assert (budget.report["kept"], budget.report["total"]) == (kept, total)  # exactly the budget, not just under it
+    assert count_nonzero_weights(make_permanent(model.backbone, inplace=False)) == kept
 
 
 def test_datasets_pickle_for_spawned_workers(data_dir):

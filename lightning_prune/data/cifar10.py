@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
+from torch.utils.data import Dataset
 
-from lightning_prune.data.epoch_sampler import EpochSeededSampler
+from lightning_prune.data.image_datamodule import (  # noqa: F401  (re-exported: they used to live here)
+    ArrayImageDataset,
+    ImageDataModule,
+    check_loader_args,
+    make_loader,
+    resolve_pin_memory,
+    seeded_split,
+)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -37,7 +40,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(ImageDataModule):
     """CIFAR10: 50,000 training and 10,000 test images of 32x32 pixels in 10 classes.
 
     ``prepare_data`` downloads and extracts the official archive with torchvision (only when files are missing and
@@ -94,26 +97,21 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: bool = True,
         verify_checksums: bool = True,
     ) -> None:
-        super().__init__()
-        check_loader_args(batch_size, num_workers, val_size, crop_padding, mean, std)
-        self.save_hyperparameters()
-        self.data_dir = os.fspath(data_dir)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_size = val_size
-        self.seed = seed
-        self.augment = augment
-        self.crop_padding = crop_padding
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.download = download
-        self.verify_checksums = verify_checksums
-        self.classes: list[str] = []
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            seed=seed,
+            augment=augment,
+            crop_padding=crop_padding,
+            mean=mean,
+            std=std,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            download=download,
+            verify_checksums=verify_checksums,
+        )
 
     @property
     def folder(self) -> str:
@@ -195,8 +193,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         rows = {name: len(batch[1]) for name, batch in batches.items()}
         if len(set(rows.values())) != 1 or 0 in rows.values():
             raise RuntimeError(
-                f"CIFAR10 batches in {self.folder} hold different numbers of images ({rows}); each official batch "
-                "holds 10,000. The data is partial or corrupt: delete the folder and re-run with download=True."
+                f"CIFAR10 batches in {self.folder} hold different numbers of images ({rows}); every batch, the test "
+                "batch included, must hold as many (10,000 in the official release). The data is partial or "
+                "corrupt: delete the folder and re-run with download=True."
             )
         train_x = np.concatenate([batches[name][0] for name in CIFAR10_TRAIN_FILES])
         train_y = [label for name in CIFAR10_TRAIN_FILES for label in batches[name][1]]
@@ -215,122 +214,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return train_x, train_y, test_x, test_y, classes
 
     # ------------------------------------------------------------------ datasets
-    def train_transform(self) -> Callable:
-        """Augmentation (when ``augment``), conversion to a float tensor in [0, 1] and normalisation."""
-        steps: list[Callable] = []
-        if self.augment:
-            steps += [transforms.RandomCrop(32, padding=self.crop_padding), transforms.RandomHorizontalFlip()]
-        return transforms.Compose([*steps, *self.eval_transform().transforms])
-
-    def eval_transform(self) -> transforms.Compose:
-        """Conversion to a float tensor in [0, 1] and normalisation."""
-        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
-
-    def setup(self, stage: str | None = None) -> None:
-        """Check the files and build the train / val / test datasets (once; later calls do nothing)."""
-        if self.test_set is not None:
-            return
-        train_x, train_y, test_x, test_y, self.classes = self._read_all()
-        train_idx, val_idx = seeded_split(len(train_y), self.val_size, self.seed)
-        self.test_set = ArrayImageDataset(test_x, test_y, self.eval_transform())
-        self.train_set = Subset(ArrayImageDataset(train_x, train_y, self.train_transform()), train_idx)
-        if self.val_size:
-            self.val_set = Subset(ArrayImageDataset(train_x, train_y, self.eval_transform()), val_idx)
-        else:
-            self.val_set = self.test_set
-
-    # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self, self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self, self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return make_loader(self, self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-
-class ArrayImageDataset(Dataset):
-    """Images held as a uint8 ``(N, H, W, C)`` array, returned as ``(transform(PIL image), label)``."""
-
-    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Callable | None = None) -> None:
-        self.images = images
-        self.labels = list(labels)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.images[index])
-        return (self.transform(image) if self.transform else image), self.labels[index]
-
-
-# ---------------------------------------------------------------------- shared by the image DataModules
-def check_loader_args(
-    batch_size: int, num_workers: int, val_size: int, crop_padding: int, mean: Sequence[float], std: Sequence[float]
-) -> None:
-    """Validate the arguments that CIFAR10DataModule and TinyImageNetDataModule share."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}.")
-    if isinstance(val_size, float) or val_size < 0:
-        raise ValueError(f"val_size is a number of training images held out for validation (>= 0), got {val_size}.")
-    if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}.")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need one value per RGB channel, got mean={list(mean)}, std={list(std)}.")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std values must be > 0, got {list(std)}.")
-
-
-def seeded_split(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """Indices ``(train, val)`` of ``n`` items with ``val_size`` of them drawn for validation with ``seed``.
-
-    Example:
-        >>> train, val = seeded_split(10, 3, seed=0)
-        >>> len(train), len(val), sorted(train + val) == list(range(10))
-        (7, 3, True)
-    """
-    if val_size >= n:
-        raise ValueError(f"val_size={val_size} leaves no training image out of {n}: lower val_size.")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[val_size:]), sorted(order[:val_size])
-
-
-def resolve_pin_memory(datamodule: pl.LightningDataModule, pin_memory: bool | None) -> bool:
-    """``pin_memory`` if set, else whether the attached trainer runs on a CUDA GPU (no trainer: CUDA is available)."""
-    if pin_memory is not None:
-        return bool(pin_memory)
-    trainer = datamodule.trainer
-    if trainer is not None:
-        from lightning.pytorch.accelerators import CUDAAccelerator
-
-        return isinstance(trainer.accelerator, CUDAAccelerator)
-    return torch.cuda.is_available()
-
-
-def make_loader(datamodule: Any, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-    """A DataLoader with the datamodule's ``batch_size``, ``num_workers``, pinning and persistent workers.
-
-    With ``shuffle`` the order of each epoch depends only on ``datamodule.seed`` and the epoch
-    (:class:`~lightning_prune.data.epoch_sampler.EpochSeededSampler`), so a resumed run sees the same batches.
-    """
-    if dataset is None:
-        raise RuntimeError(f"{type(datamodule).__name__}: call setup() before asking for a dataloader.")
-    workers = datamodule.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=datamodule.batch_size,
-        sampler=EpochSeededSampler(len(dataset), seed=datamodule.seed) if shuffle else None,
-        num_workers=workers,
-        pin_memory=resolve_pin_memory(datamodule, datamodule.pin_memory),
-        persistent_workers=bool(datamodule.persistent_workers and workers > 0),
-    )
+    def read_splits(self) -> tuple[Dataset, Dataset, list[str]]:
+        """Check the files and return the training and test images (without transform) and the class names."""
+        train_x, train_y, test_x, test_y, classes = self._read_all()
+        return ArrayImageDataset(train_x, train_y), ArrayImageDataset(test_x, test_y), classes
 
 
 def _load_pickle(path: str) -> dict[str, Any]:

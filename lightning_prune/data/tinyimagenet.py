@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.utils import calculate_md5, download_url
 
-from lightning_prune.data.cifar10 import check_loader_args, make_loader, seeded_split
+from lightning_prune.data.image_datamodule import ImageDataModule
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -28,7 +25,7 @@ TINYIMAGENET_STD = (0.2302, 0.2265, 0.2262)
 VAL_SORTED_MARKER = ".sorted_by_class"  # in val/, written once every validation image is in its class folder
 
 
-class TinyImageNetDataModule(pl.LightningDataModule):
+class TinyImageNetDataModule(ImageDataModule):
     """Tiny ImageNet: 100,000 training and 10,000 labelled validation images of 64x64 pixels in 200 classes.
 
     ``prepare_data`` (which sets no state) downloads the official archive when it is missing and ``download=True``
@@ -95,26 +92,21 @@ class TinyImageNetDataModule(pl.LightningDataModule):
         download: bool = True,
         verify_checksums: bool = True,
     ) -> None:
-        super().__init__()
-        check_loader_args(batch_size, num_workers, val_size, crop_padding, mean, std)
-        self.save_hyperparameters()
-        self.data_dir = os.fspath(data_dir)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_size = val_size
-        self.seed = seed
-        self.augment = augment
-        self.crop_padding = crop_padding
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.download = download
-        self.verify_checksums = verify_checksums
-        self.classes: list[str] = []
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            seed=seed,
+            augment=augment,
+            crop_padding=crop_padding,
+            mean=mean,
+            std=std,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            download=download,
+            verify_checksums=verify_checksums,
+        )
 
     @property
     def root(self) -> str:
@@ -230,21 +222,8 @@ class TinyImageNetDataModule(pl.LightningDataModule):
         return wnids
 
     # ------------------------------------------------------------------ datasets
-    def train_transform(self) -> Callable:
-        """Augmentation (when ``augment``), conversion to a float tensor in [0, 1] and normalisation."""
-        steps: list[Callable] = []
-        if self.augment:
-            steps += [transforms.RandomCrop(64, padding=self.crop_padding), transforms.RandomHorizontalFlip()]
-        return transforms.Compose([*steps, *self.eval_transform().transforms])
-
-    def eval_transform(self) -> transforms.Compose:
-        """Conversion to a float tensor in [0, 1] and normalisation."""
-        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
-
-    def setup(self, stage: str | None = None) -> None:
-        """Check the tree and build the train / val / test datasets (once; later calls do nothing)."""
-        if self.test_set is not None:
-            return
+    def read_splits(self) -> tuple[Dataset, Dataset, list[str]]:
+        """Check the tree and return the training and test (official validation) images, and the sorted wnids."""
         wnids = self._check_tree()
         train = _class_folder(os.path.join(self.root, "train"), wnids, "training")
         test = _class_folder(os.path.join(self.root, "val"), wnids, "validation (test)")
@@ -254,24 +233,7 @@ class TinyImageNetDataModule(pl.LightningDataModule):
                 f"{os.path.join(self.root, 'val')} holds {len(test)} images in class folders but val_annotations.txt "
                 f"lists {n_annotated}. The data is partial or corrupt: delete {self.root} and re-run prepare_data()."
             )
-        self.classes = wnids
-        train_idx, val_idx = seeded_split(len(train), self.val_size, self.seed)
-        self.train_set = Subset(_with_transform(train, self.train_transform()), train_idx)
-        self.test_set = _with_transform(test, self.eval_transform())
-        self.val_set = Subset(_with_transform(train, self.eval_transform()), val_idx) if self.val_size else self.test_set
-
-    # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self, self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self, self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return make_loader(self, self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return train, test, wnids
 
 
 # ---------------------------------------------------------------------- validation images
@@ -383,8 +345,3 @@ def _class_folder(folder: str, wnids: list[str], split: str) -> ImageFolder:
         )
     return dataset
 
-
-def _with_transform(dataset: ImageFolder, transform: Callable) -> ImageFolder:
-    view = copy.copy(dataset)  # shares the (path, label) list
-    view.transform = transform
-    return view

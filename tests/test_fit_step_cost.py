@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/fit_step_cost.py: one round of a few Conv4 steps, and the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "fit_step_cost.py")
+
+
+@pytest.fixture
+def fit_step_cost():
+    """The script as a module (benchmarks/ is not a package); undoes the thread count and log levels it sets."""
+    spec = importlib.util.spec_from_file_location("_benchmark_fit_step_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    names = ("lightning.pytorch", "lightning.fabric", "lightning_prune")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield module
+    torch.set_num_threads(threads)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    sys.modules.pop(spec.name, None)
+
+
+def test_fit_step_cost_smoke(fit_step_cost, tmp_path):
+    fit_step_cost.main(["--models", "conv4", "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                        "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "fit_step_cost_cpu.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    with open(tmp_path / "fit_step_cost_cpu.json") as f:
+        report = json.load(f)
+    assert [(r["model"], r["variant"]) for r in table] == [("conv4", v) for v in ("dense", "budget", "modelpruning")]
+    assert [(r["model"], r["variant"]) for r in report["rows"]] == [(r["model"], r["variant"]) for r in table]
+    assert {"command", "torch", "lightning", "machine"} <= set(report)
+    for r in table:
+        for column in ("median_ms", "time_ratio", "memory_mb", "memory_ratio"):
+            value = float(r[column])
+            assert math.isfinite(value) and value > 0, (r["variant"], column, value)
+    memory = {r["variant"]: float(r["memory_mb"]) for r in table}
+    assert memory["budget"] >= memory["dense"]  # the masks save tensors for the backward pass
