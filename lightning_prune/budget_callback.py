@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -66,7 +66,8 @@ class BudgetCallback(Callback):
         include: patterns of the tensors to prune (globs or ``re:`` regexes, on tensor or module names).
         exclude: patterns of tensors to leave dense.
         embeddings: also prune embedding tables.
-        response_steps: time constant of the budget loop, in optimizer steps.
+        response_steps: time constant of the budget loop, in optimizer steps; default a 16th of the target's ramp,
+            between 2 and 10 steps.
         max_step: largest budget step per optimizer step, in units of each tensor's scale.
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
         finalize_on_fit_end: harden the masks when fit ends.
@@ -95,7 +96,7 @@ class BudgetCallback(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         embeddings: bool = False,
-        response_steps: float = 10.0,
+        response_steps: float | None = None,
         max_step: float = 1.0,
         total_steps: int | None = None,
         finalize_on_fit_end: bool = True,
@@ -123,6 +124,7 @@ class BudgetCallback(Callback):
             min_layer_keep = min(DEFAULT_MIN_LAYER_KEEP, (1.0 - sparsity) / 2)
         _check(0 <= min_layer_keep <= 1, f"min_layer_keep is a share in [0, 1], got {min_layer_keep}.")
         _check(total_steps is None or total_steps > 0, f"total_steps must be > 0, got {total_steps}.")
+        _check(response_steps is None or response_steps >= 1, f"response_steps must be >= 1, got {response_steps}.")
         _check(recalibration_batches >= 1, f"recalibration_batches must be >= 1, got {recalibration_batches}.")
         for arg, value in (("include", include), ("exclude", exclude)):
             _check(not isinstance(value, str), f"`{arg}` takes a list of patterns: write [{value!r}].")
@@ -138,7 +140,8 @@ class BudgetCallback(Callback):
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.embeddings = bool(embeddings)
-        self.controller = BudgetController(response_steps, max_step)
+        self.response_steps = response_steps
+        self.controller = BudgetController(response_steps or 10.0, max_step)
         self.total_steps = total_steps
         self.finalize_on_fit_end = finalize_on_fit_end
         self.recalibrate_batchnorm = recalibrate_batchnorm
@@ -203,6 +206,8 @@ class BudgetCallback(Callback):
         elif self._total is None:
             self._total = _planned_steps(trainer)
         self.finalized = bool(self._params) and all(bool(p.mask.hard) for p in self._params)
+        ramp_steps = (self.target_end - self.target_start) * self._total
+        self.controller.set_response(self.response_steps or min(10.0, max(2.0, ramp_steps / 16)))
         self._apply_schedules(trainer.global_step)
 
     # ---------------------------------------------------------- per step

@@ -24,7 +24,7 @@ class BudgetController:
     to zero.
 
     Args:
-        response_steps: the loop's time constant ``τ``, in optimizer steps.
+        response_steps: the loop's time constant ``τ``, in optimizer steps (:meth:`set_response` changes it).
         max_step: ``λ_max``, the largest step, in units of each tensor's scale ``s``.
 
     Example:
@@ -37,15 +37,20 @@ class BudgetController:
     """
 
     def __init__(self, response_steps: float = 10.0, max_step: float = 1.0) -> None:
-        if not response_steps >= 1:
-            raise ValueError(f"response_steps is a number of optimizer steps >= 1, got {response_steps}.")
         if not max_step > 0:
             raise ValueError(f"max_step must be > 0, got {max_step}.")
-        self.gain = 2.0 / response_steps
-        self.integral_gain = 1.0 / response_steps**2
+        self.set_response(response_steps)
         self.max_step = float(max_step)
         self.integral: Tensor | None = None
         self.engaged: Tensor | None = None
+
+    def set_response(self, response_steps: float) -> None:
+        """Set the time constant ``τ`` (optimizer steps, >= 1) and with it the gains; the loop's state is kept."""
+        if not response_steps >= 1:
+            raise ValueError(f"response_steps is a number of optimizer steps >= 1, got {response_steps}.")
+        self.response_steps = float(response_steps)
+        self.gain = 2.0 / response_steps
+        self.integral_gain = 1.0 / response_steps**2
 
     def update(self, gap: Tensor) -> Tensor:
         """Take the gap of this step; return λ (same shape as ``gap``)."""

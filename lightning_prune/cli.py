@@ -61,9 +61,13 @@ class PruneCLI(LightningCLI):
             r = budget.report
             lines.append(f"  kept weights        {r['kept']}/{r['total']} = {r['kept_share']:.4%} "
                          f"(asked: {1 - budget.sparsity:.4%})")
-            lines.append(f"  kept share before   soft {r['kept_soft_before']:.4%}, hard {r['kept_hard_before']:.4%}")
-            if r.get("acc_soft") is not None:
-                lines.append(f"  val accuracy        soft {r['acc_soft']:.4f} -> hard {r['acc_hard']:.4f}")
+            lines.append(f"  in use before cut   {r['kept_hard_before']:.4%} of the covered weights")
+            if r.get("coverage"):
+                lines.append(f"  coverage            {r['coverage']}")
+            before, after, bn = r.get("val_before_cut", {}), r.get("val_after_cut", {}), r.get("val_after_recalibration")
+            for name in sorted(set(before) & set(after)):
+                figures = f"{before[name]:.4f} -> {after[name]:.4f}" + (f" -> {bn[name]:.4f} (BatchNorm)" if bn else "")
+                lines.append(f"  {name + ' at cut':<19} {figures}")
         if test_acc is not None:
             lines.append(f"  test accuracy       {float(test_acc):.4f}")
         lines.append(f"  logs & checkpoints  {log_dir}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -140,12 +141,15 @@ def prunable_parameters(
             f"{type(model).__name__} has no tensor to prune (no weight of 2 or more dimensions outside embeddings, "
             "and not shared between modules). Remove the callback, or pass embeddings=True to prune embeddings."
         )
-    keys = {name: (name, name.rpartition(".")[0]) for name in candidates}
+    keys = {name: _keys(name) for name in candidates}
     for arg, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
             if not any(_matches(pattern, k) for k in keys.values()):
-                tied = [n for n, r in why.items() if r.startswith("shared") and _matches(pattern, (n, n))]
-                hint = f" {tied} match it but are shared with another module and stay dense." if tied else ""
+                tied = [
+                    f"{n} ({r})" for n, r in why.items()
+                    if r.startswith("shared") and any(_matches(pattern, _keys(m)) for m in (n, r.split()[-1]))
+                ]
+                hint = f" It matches {', '.join(tied)}, which stays dense (tied weights)." if tied else ""
                 raise ValueError(
                     f"The {arg} pattern {pattern!r} matches no prunable tensor.{hint} Prunable tensors: "
                     f"{list(candidates)}. Patterns are globs, or regular expressions prefixed with 're:'."
@@ -159,6 +163,21 @@ def prunable_parameters(
     }
     if not chosen:
         raise ValueError("include/exclude/select leave no tensor to prune; loosen them.")
+    embedding_tables = {id(m.weight) for m in model.modules() if isinstance(m, EMBEDDING_TYPES)}
+    tied = [
+        f"{name} ({why[name]})"
+        for name, tensor in matrices.items()
+        if why[name].startswith("shared")
+        and (embeddings or id(tensor) not in embedding_tables)  # a head tied to an embedding table: as embeddings
+        and (not include or any(_matches(p, _keys(name)) for p in include))
+        and not any(_matches(p, _keys(name)) for p in exclude or ())
+    ]
+    if tied:
+        warnings.warn(
+            f"{', '.join(tied)}: a tensor shared by several modules (tied weights) stays dense, so that every module "
+            "that reads it computes with the same tensor in training and after export. Untie it to prune it.",
+            stacklevel=2,
+        )
     return chosen
 
 
@@ -262,7 +281,7 @@ def _matrix_weights(model: nn.Module, embeddings: bool) -> tuple[dict[str, Tenso
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    matrices, why = {}, {}
+    matrices, why, seen = {}, {}, set()
     for module_name, module in model.named_modules():
         direct = dict(module.named_parameters(recurse=False))
         if parametrize.is_parametrized(module):
@@ -272,8 +291,9 @@ def _matrix_weights(model: nn.Module, embeddings: bool) -> tuple[dict[str, Tenso
             if p.dim() < 2 or not (param_name == "weight" or param_name.endswith("_weight")):
                 continue
             name = _join(module_name, param_name)
-            if name in matrices:
+            if id(p) in seen:  # a tied tensor counts once, under the first name it is found at
                 continue
+            seen.add(id(p))
             matrices[name] = p
             shared = [n for n in owners.get(id(p), []) if not n.startswith(_prefix(module_name))]
             if shared:
@@ -296,6 +316,11 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _join(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _keys(name: str) -> tuple[str, str]:
+    """What a pattern may match for a tensor: its qualified name and its module's."""
+    return name, name.rpartition(".")[0]
 
 
 def _matches(pattern: str, names: tuple[str, str]) -> bool:

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from plain_modules import tiny_conv4
 
-from lightning_prune import BudgetCallback, PrunedClassifier, pruned_layers
+from lightning_prune import BudgetCallback, PrunedClassifier, masked_parameters
 from lightning_prune.data import DigitsDataModule
 
 FAULT_STEP = {"nan_loss_rank1": 3, "nan_latent_rank1": 4}
@@ -41,11 +41,15 @@ class Recorder(Callback):
         self.steps: list[dict] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        layers = pruned_layers(pl_module)
+        layers = masked_parameters(pl_module)
         self.steps.append(
             {
                 "global_step": trainer.global_step,
-                "schedule": (self.budget.lam, self.budget.temperature, self.budget.target_keep),
+                "schedule": (
+                    None if self.budget._lambda is None else self.budget._lambda.tolist(),
+                    self.budget.temperature,
+                    self.budget.target_keep,
+                ),
                 "buffers": [
                     (float(x.mask.temperature), float(x.mask.threshold), float(x.mask.grad_temperature)) for x in layers
                 ],
@@ -58,7 +62,7 @@ class Recorder(Callback):
                 layers[1].latent.view(-1)[0] = float("nan")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps[-1]["latents"] = [x.latent.detach().clone() for x in pruned_layers(pl_module)]
+        self.steps[-1]["latents"] = [x.latent.detach().clone() for x in masked_parameters(pl_module)]
 
 
 class FaultyClassifier(PrunedClassifier):
@@ -104,7 +108,7 @@ def run(out_dir: str, scenario: str) -> None:
     except Exception as error:  # noqa: BLE001 - saved for the test to look at
         result["error"] = (type(error).__name__, str(error))
         result["traceback"] = traceback.format_exc()
-    layers = pruned_layers(model)
+    layers = masked_parameters(model)
     result.update(
         rank=trainer.global_rank,
         world_size=trainer.world_size,

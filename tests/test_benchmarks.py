@@ -34,11 +34,6 @@ def _load(name: str):
 
 
 @pytest.fixture
-def step_cost():
-    return _load("step_cost")
-
-
-@pytest.fixture
 def accuracy():
     return _load("accuracy_at_budget")
 
@@ -60,93 +55,18 @@ def _read_csv(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# ---------------------------------------------------------------------------------------------------- step_cost.py
-def test_step_cost_smoke(step_cost, tmp_path):
-    csv_path, json_path = tmp_path / "step_cost.csv", tmp_path / "step_cost.json"
-    rows = step_cost.main([
-        "--device", "cpu", "--models", "conv4", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-        "--width-scale", "0.125", "--threads", "1", "--csv", str(csv_path), "--json", str(json_path),
-    ])
-    table = _read_csv(csv_path)
-    assert list(table[0]) == [f.name for f in fields(step_cost.Row)]
-    assert [r["variant"] for r in table] == list(step_cost.VARIANTS)
-    assert len(rows) == len(table)
-    by_variant = {r["variant"]: r for r in table}
-    for r in table:
-        assert (r["model"], r["device"], r["precision"], r["batch_size"], r["steps"]) == ("conv4", "cpu", "fp32", "4",
-                                                                                            "2")
-        for column in ("median_ms", "time_ratio", "peak_mb", "memory_ratio"):
-            value = float(r[column])
-            assert math.isfinite(value) and value > 0, (r["variant"], column, value)
-        assert float(r["iqr_ms"]) >= 0
-        assert r["memory_kind"].startswith("estimate")
-    assert float(by_variant["dense"]["time_ratio"]) == 1.0
-    assert float(by_variant["dense"]["memory_ratio"]) == 1.0
-    # the reparametrization adds no trainable parameter, and neither does torch's pruning (weight_orig replaces weight)
-    assert len({r["params"] for r in table}) == 1
-    # the soft mask's effective weights are saved for the backward: the estimate sees more than the dense one
-    assert float(by_variant["reparam"]["memory_ratio"]) > 1.0
-
-    report = json.loads(json_path.read_text())
-    assert report["environment"]["torch"] == torch.__version__
-    assert report["environment"]["torch_threads"] == 1
-    assert [r["variant"] for r in report["rows"]] == list(step_cost.VARIANTS)
-    assert report["rows"][1]["time_ratio"] == pytest.approx(float(by_variant["reparam"]["time_ratio"]))
-    assert isinstance(report["goals_missed"], list)
-    assert report["goals_missed"] == step_cost.check_goals(rows)
-
-
-def test_step_cost_times_the_compiled_and_separate_budget_variants_too(step_cost, monkeypatch):
-    from lightning_prune import compiled_gate
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(compiled_gate, "BACKEND", "aot_eager")  # no C++ compiler needed in CI
-    compiled_gate.reset()
-    rows = step_cost.main([
-        "--device", "cpu", "--models", "conv4", "--steps", "1", "--warmup", "1", "--batch-size", "4",
-        "--width-scale", "0.125", "--threads", "1", "--compile-gate", "--budget-pass", "both",
-    ])
-    torch._dynamo.reset()
-    compiled = set(compiled_gate._compiled)
-    failed = list(compiled_gate._failed)
-    compiled_gate.reset()
-    assert [r.variant for r in rows] == [*step_cost.VARIANTS, "reparam_separate", "reparam_compiled"]
-    assert {"forward", "backward_budget"} <= compiled and not failed
-    assert rows[-1].time_ratio > 0 and rows[-1].memory_ratio == rows[1].memory_ratio
-
-
-def test_step_cost_goals_and_per_model_steps(step_cost):
-    def row(variant, time_ratio, memory_ratio, device="cpu"):
-        return step_cost.Row("conv4", device, "fp32", variant, 64, 2, 10, 1.0, 0.1, time_ratio, 1.0, memory_ratio,
-                             "estimate", 1)
-
-    assert step_cost.check_goals([row("dense", 1.0, 1.0), row("reparam", 1.09, 1.24)]) == []
-    assert step_cost.check_goals([row("modelpruning", 3.0, 3.0)]) == []  # only the reparametrization has goals
-    misses = step_cost.check_goals([row("reparam", 1.2, 1.3), row("reparam", 1.06, 1.0, device="cuda")])
-    assert len(misses) == 3 and "step time 1.200x" in misses[0] and "peak memory" in misses[1]
-
-    args = step_cost.parse_args(["--steps", "20", "--warmup", "3", "--model-steps", "vgg19=8:2", "resnet18=6"])
-    assert step_cost.step_plan(args) == {"conv4": (20, 3), "vgg19": (8, 2), "resnet18": (6, 3)}
-    for bad in ("vgg=8", "vgg19", "vgg19=x", "vgg19=0"):
-        with pytest.raises(SystemExit):
-            step_cost.step_plan(step_cost.parse_args(["--model-steps", bad]))
-
-
 # ------------------------------------------------------------------------------------------- accuracy_at_budget.py
-def test_accuracy_at_budget_passes_the_budget_grad_temperature_on(accuracy, monkeypatch):
-    seen = []
-
-    class RecordingCallback(BudgetCallback):
-        def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
-            seen.append(self.budget_grad_temperature)
-
-    monkeypatch.setattr(accuracy, "BudgetCallback", RecordingCallback)
-    accuracy.main([
-        "--seeds", "0", "--epochs", "1", "--sparsities", "0.9", "--width", "8", "--hidden", "16",
-        "--limit-train-batches", "2", "--threads", "1", "--methods", "lightning_prune", "--budget-grad-temperature", "0.3",
-    ])
-    assert seen == [0.3]
+def test_accuracy_at_budget_sgd_recipe_is_the_paper_configs(accuracy):
+    args = accuracy.parse_args(["--recipe", "sgd-cosine", "--lr", "0.01", "--epochs", "7"])
+    kwargs = accuracy.recipe(args)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = kwargs["optimizer"](params)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.9, True, 5e-4)
+    scheduler = kwargs["lr_scheduler"](optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 7
+    assert set(accuracy.recipe(accuracy.parse_args([]))) == {"optimizer"}  # Adam, no schedule
 
 
 def test_accuracy_at_budget_smoke(accuracy, tmp_path):
@@ -199,25 +119,3 @@ def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
         kept *= 1.0 - step
         assert 1.0 - kept == pytest.approx(accuracy.cumulative_sparsity(epoch, sparsity, epochs), abs=1e-12)
     assert 1.0 - kept == pytest.approx(sparsity, abs=1e-12)
-
-
-# -------------------------------------------------------------------------------------------------- step_phases.py
-@pytest.mark.parametrize("budget_pass", ["backward", "separate"])
-def test_step_phases_smoke(tmp_path, budget_pass):
-    phases = _load("step_phases")
-    json_path = tmp_path / "phases.json"
-    report = phases.main(["--model", "conv4", "--width-scale", "0.125", "--batch-size", "4", "--rounds", "2",
-                          "--warmup", "1", "--threads", "1", "--budget-pass", budget_pass, "--json", str(json_path)])
-    rows = {r["phase"]: r for r in report["phases"]}
-    assert list(rows) == [*phases.PHASES, "total"]
-    assert rows["budget"]["dense_ms"] == 0.0 and rows["budget"]["reparam_ms"] > 0  # only reparam has a budget term
-    assert all(math.isfinite(r["extra_ms"]) and r["dense_ms"] >= 0 for r in rows.values())
-    assert json.loads(json_path.read_text())["phases"] == report["phases"]
-
-
-@pytest.mark.slow
-def test_step_phases_kernel_probe_compiles_and_times_both():
-    probe = _load("step_phases").kernel_probe("conv4", width_scale=0.125, repeats=3)
-    assert probe["weights"] == 32 * 1024  # Conv4 at width 8, hidden 32: the first Linear is the largest weight
-    assert all(probe[k] > 0 for k in ("eager_forward_ms", "compiled_forward_ms", "eager_backward_ms",
-                                      "compiled_backward_ms"))

@@ -1,71 +1,94 @@
+"""The budget's arithmetic: exact counts, the margin gap, the budget step, and the controller."""
+
+from decimal import Decimal
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_prune import (
-    budget_loss,
-    budget_penalty,
-    hard_kept_counts,
-    pruned_layers,
-    reparametrize,
-    soft_kept_shares,
-)
+from lightning_prune import BudgetController, budget_count, budget_step, margin_gap, masked_parameters, reparametrize
+from lightning_prune.budget import hard_kept_counts
 
 
-def _model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8))
-    reparametrize(model, temperature=0.2)
+@pytest.mark.parametrize("total", [15, 35, 135, 1000, 851008])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98, 0.99, 0.7, 0.5])
+def test_budget_count_is_the_decimal_product_rounded_half_to_even(total, sparsity):
+    exact = (Decimal(1) - Decimal(str(sparsity))) * total
+    assert budget_count(total, sparsity) == int(exact.to_integral_value(rounding="ROUND_HALF_EVEN"))
+
+
+def test_budget_count_has_no_binary_float_off_by_one():
+    # 1 - 0.9 is 0.09999999999999998 in binary floating point: round(0.0999..*15) = 1, but 1.5 rounds half-even to 2
+    assert [budget_count(n, 0.9) for n in (15, 35, 135)] == [2, 4, 14]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
+    reparametrize(model)
     return model
 
 
-def _huber(gap: torch.Tensor, delta: float = 0.1) -> torch.Tensor:
-    return torch.nn.functional.huber_loss(gap, torch.zeros_like(gap), reduction="none", delta=delta) / delta
+def _score_quantile(params, keep):
+    scores = torch.cat([p.mask.score(p.latent).flatten() for p in params])
+    return torch.sort(scores, descending=True).values[round(keep * scores.numel())]
 
 
-def test_loss_is_huber_of_the_relative_gap_of_the_soft_share():
-    model = _model()
-    share, per_layer = soft_kept_shares(pruned_layers(model))
-    assert 0 < share.item() < 1 and per_layer.shape == (2,)
-    torch.testing.assert_close(budget_loss(model, keep=0.1), _huber(share / 0.1 - 1))
-    torch.testing.assert_close(budget_loss(model, keep=0.1, mode="layer"), _huber(per_layer / 0.1 - 1).mean())
+@pytest.mark.parametrize("keep", [0.5, 0.1, 0.02])
+def test_margin_gap_estimates_the_score_at_the_budget_minus_the_threshold(keep):
+    params = masked_parameters(_model())
+    gap, shares = margin_gap(params, keep, "global", seed=3)
+    exact = _score_quantile(params, keep) - 1.0
+    assert gap.shape == (1,)
+    assert float(gap) == pytest.approx(float(exact), abs=0.05)
+    counts = hard_kept_counts(params)
+    for share, (kept, numel) in zip(shares.tolist(), counts.values()):
+        assert share == pytest.approx(kept / numel, abs=0.03)
 
 
-@pytest.mark.parametrize("kept, expected", [(0.10, 0.0), (0.105, 0.0125), (0.095, 0.0125), (0.15, 0.45), (0.03, 0.65)])
-def test_penalty_is_quadratic_near_the_budget_and_linear_far_from_it(kept, expected):
-    assert budget_penalty(torch.tensor(kept), keep=0.1).item() == pytest.approx(expected, abs=1e-6)
+def test_margin_gap_in_layer_mode_is_per_tensor_and_the_same_for_the_same_seed():
+    params = masked_parameters(_model())
+    gap, _ = margin_gap(params, 0.1, "layer", seed=1)
+    assert gap.shape == (2,)
+    for g, p in zip(gap.tolist(), params):
+        assert g == pytest.approx(float(_score_quantile([p], 0.1)) - 1.0, abs=0.05)
+    torch.testing.assert_close(margin_gap(params, 0.1, "layer", seed=1)[0], gap)
 
 
-def test_penalty_gradient_is_bounded_far_from_the_budget_and_proportional_near_it():
-    for kept, grad in ((0.5, 1 / 0.1), (0.102, 0.2 / 0.1), (0.098, -0.2 / 0.1)):
-        share = torch.tensor(kept, dtype=torch.float64, requires_grad=True)
-        budget_penalty(share, keep=0.1).backward()
-        assert share.grad.item() == pytest.approx(grad, rel=1e-6)  # d/dkept = (dg/dkept = 1/keep)·clip(g/δ, ±1)
+def test_budget_step_is_the_proximal_step_of_the_scaled_l1_norm():
+    params = masked_parameters(_model())
+    before = [p.latent.detach().clone() for p in params]
+    rates = torch.tensor([0.3, -0.1])
+    budget_step(params, rates)
+    for p, theta, rate in zip(params, before, rates):
+        expected = torch.sign(theta) * (theta.abs() - rate * p.mask.scale).clamp_min(0)
+        torch.testing.assert_close(p.latent.detach(), expected)
+    assert (params[0].latent == 0).any()  # weights under λ·s reach 0 and stop there (their sign is not flipped)
 
 
-def test_gradient_shrinks_weights_when_above_budget_and_grows_them_below():
-    for keep, sign in ((0.05, 1.0), (0.99, -1.0)):
-        model = _model()
-        budget_loss(model, keep=keep).backward()
-        theta = model[0].parametrizations.weight.original
-        # descent direction −grad: towards zero (|θ| down) above budget, away from zero below it
-        moves_out = -(theta.grad * torch.sign(theta.detach()))
-        assert (sign * moves_out <= 0).all() and (moves_out != 0).any()
+def test_controller_waits_for_the_target_then_holds_it_from_both_sides():
+    controller = BudgetController(response_steps=10, max_step=1.0)
+    assert float(controller.update(torch.tensor([-0.4]))) == 0.0  # target still above the share: no pressure
+    assert float(controller.update(torch.tensor([0.2]))) == pytest.approx(0.2 * 0.2 + 0.2 * 0.01)
+    assert float(controller.update(torch.tensor([-0.2]))) < 0  # engaged: under the target, the weights grow
+    state = controller.state_dict()
+    restored = BudgetController(response_steps=10)
+    restored.load_state_dict(state)
+    gap = torch.tensor([0.05])
+    assert float(restored.update(gap)) == pytest.approx(float(controller.update(gap)))
 
 
-def test_bad_arguments():
-    model = _model()
-    with pytest.raises(ValueError, match="budget mode"):
-        budget_loss(model, keep=0.5, mode="per-layer")
-    with pytest.raises(ValueError, match="keep share"):
-        budget_loss(model, keep=0.0)
-    with pytest.raises(ValueError, match="reparametrize"):
-        budget_loss(nn.Linear(2, 2), keep=0.5)
+def test_controller_closes_the_gap_of_a_unit_gain_plant_with_a_constant_pull():
+    # the weights at the margin: score q moves by -λ per step, and the task pulls them up by 0.05 per step
+    controller, q = BudgetController(response_steps=10), 1.5
+    for _ in range(200):
+        q += 0.05 - float(controller.update(torch.tensor([q - 1.0])))
+    assert q == pytest.approx(1.0, abs=1e-3)
+    assert float(controller.integral) == pytest.approx(0.05, abs=1e-3)  # the integral holds the pull
 
 
-def test_hard_counts_follow_the_threshold():
-    model = _model()
-    counts = hard_kept_counts(model)
-    layer = model[0]
-    theta = layer.parametrizations.weight.original
-    assert counts["0"] == (int((theta.abs() / layer.parametrizations.weight[0].scale > 1.0).sum()), theta.numel())
+def test_controller_refuses_bad_settings():
+    with pytest.raises(ValueError, match="response_steps"):
+        BudgetController(response_steps=0.5)
+    with pytest.raises(ValueError, match="max_step"):
+        BudgetController(max_step=0)

@@ -17,9 +17,9 @@ from lightning_prune import (
     BudgetCallback,
     PrunedClassifier,
     budget_count,
-    budget_loss,
+    budget_step,
     finalize,
-    pruned_layers,
+    masked_parameters,
     reparametrize,
     reparametrize_like,
 )
@@ -42,7 +42,7 @@ def _graphs() -> int:
 
 def _set_temperature(model, value: float) -> None:
     with torch.no_grad():
-        for layer in pruned_layers(model):
+        for layer in masked_parameters(model):
             layer.mask.temperature.fill_(value)
 
 
@@ -61,12 +61,11 @@ def test_compiled_reparametrized_model_trains_like_eager_in_one_graph(backend):
     def step(label: str, budget: bool = True) -> None:
         for model, forward, optimizer in ((eager, eager, optimizers[0]), (twin, compiled, optimizers[1])):
             optimizer.zero_grad()
-            loss = F.cross_entropy(forward(x), y)
+            F.cross_entropy(forward(x), y).backward()
             if budget:
-                loss = loss + 3.0 * budget_loss(model, keep=0.3, grad_temperature=1.0)
-            loss.backward()
+                budget_step(masked_parameters(model), torch.full((len(masked_parameters(model)),), 0.05))
             optimizer.step()
-        for a, b in zip(pruned_layers(eager), pruned_layers(twin)):
+        for a, b in zip(masked_parameters(eager), masked_parameters(twin)):
             torch.testing.assert_close(b.latent, a.latent, rtol=1e-5, atol=1e-6, msg=f"{a.name}, {label}")
 
     for i in range(4):
@@ -77,7 +76,7 @@ def test_compiled_reparametrized_model_trains_like_eager_in_one_graph(backend):
             graphs = _graphs()
     finalize(eager, 0.7)
     finalize(twin, 0.7)
-    for a, b in zip(pruned_layers(eager), pruned_layers(twin)):
+    for a, b in zip(masked_parameters(eager), masked_parameters(twin)):
         assert torch.equal(a.mask.mask, b.mask.mask), a.name
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)  # now θ ⊙ M, the hard masks
     step("after finalisation", budget=False)  # the gradient through the hard masks too
@@ -85,7 +84,7 @@ def test_compiled_reparametrized_model_trains_like_eager_in_one_graph(backend):
 
 
 def _fit(model, tmp_path, **trainer_kwargs):
-    callback = BudgetCallback(sparsity=0.8, report_accuracy=False)
+    callback = BudgetCallback(sparsity=0.8, measure_cut=False)
     trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[callback], **trainer_kwargs)
     trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
     trainer.save_checkpoint(tmp_path / "pruned.ckpt")
@@ -93,7 +92,7 @@ def _fit(model, tmp_path, **trainer_kwargs):
 
 
 def _exact(module) -> bool:
-    layers = pruned_layers(module)
+    layers = masked_parameters(module)
     kept = sum(int(layer.mask.mask.sum()) for layer in layers)
     return all(bool(layer.mask.hard) for layer in layers) and kept == budget_count(sum(x.numel for x in layers), 0.8)
 
@@ -105,7 +104,7 @@ def test_budget_callback_with_a_compiled_lightning_module(backend, tmp_path):
     module = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
     _fit(torch.compile(module, backend=backend), tmp_path)
     assert _graphs() >= 1  # the training step really ran compiled
-    assert [layer.name for layer in pruned_layers(module)][:2] == ["backbone.features.0", "backbone.features.2"]
+    assert [layer.name for layer in masked_parameters(module)][:2] == ["backbone.features.0.weight", "backbone.features.2.weight"]
     assert _exact(module)
     plain = PrunedClassifier.load_from_checkpoint(tmp_path / "pruned.ckpt", backbone=tiny_conv4(input_size=8))
     x = torch.randn(4, 1, 8, 8)
@@ -119,10 +118,10 @@ def test_budget_callback_with_a_compiled_backbone(tmp_path):
     module = PrunedClassifier(torch.compile(tiny_conv4(input_size=8), backend="aot_eager"), num_classes=10)
     _fit(module, tmp_path)
     assert _graphs() >= 1
-    assert pruned_layers(module)[0].name == "backbone._orig_mod.features.0"
+    assert masked_parameters(module)[0].name == "backbone._orig_mod.features.0.weight"
     assert _exact(module)
     plain = PrunedClassifier.load_from_checkpoint(tmp_path / "pruned.ckpt", backbone=tiny_conv4(input_size=8))
-    assert pruned_layers(plain)[0].name == "backbone.features.0" and _exact(plain)
+    assert masked_parameters(plain)[0].name == "backbone.features.0.weight" and _exact(plain)
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(plain.eval()(x), module.eval()(x), rtol=1e-5, atol=1e-6)
     # and back: the uncompiled model's checkpoint into a compiled backbone
@@ -150,7 +149,7 @@ def test_a_model_compiled_and_run_before_reparametrization_recompiles():
     dense = compiled(x)
     reparametrize(model)
     with torch.no_grad():
-        for layer in pruned_layers(model):
+        for layer in masked_parameters(model):
             layer.mask.temperature.fill_(1e-3)  # nearly hard gates: far from the dense output
     torch.testing.assert_close(compiled(x), model(x))
     assert not torch.allclose(compiled(x), dense) and _graphs() == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prune import BudgetCallback, budget_count
+from lightning_prune import budget_count
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -73,14 +73,14 @@ def test_schedules_budget_gradient_and_latents_agree_at_every_step(ranks):
     for sa, sb in zip(a["steps"], b["steps"]):
         step = sa["global_step"]
         assert sa["schedule"] == sb["schedule"], step  # λ, T, target keep share
-        assert sa["buffers"] == sb["buffers"], step  # T, c (lowered by the floor) and T_grad of every mask
-        for ga, gb in zip(sa["grads"], sb["grads"]):  # task gradient (all-reduced) + λ·budget gradient (local)
+        assert sa["buffers"] == sb["buffers"], step  # T, c and T_grad of every mask
+        for ga, gb in zip(sa["grads"], sb["grads"]):  # the task gradient, all-reduced
             assert torch.equal(ga, gb), step
         for la, lb in zip(sa["latents"], sb["latents"]):
             assert torch.equal(la, lb), step
     # the schedules did move: the comparison above is not between constants
     assert a["steps"][0]["schedule"] != a["steps"][-1]["schedule"]
-    assert a["steps"][-1]["schedule"][0] == pytest.approx(BudgetCallback().lambda_max)  # λ warmed up to its maximum
+    assert any(s["schedule"][0] not in (None, [0.0]) for s in a["steps"])  # the budget loop did act
 
 
 def test_finalised_masks_are_identical_and_the_budget_is_exact(ranks):
@@ -99,7 +99,7 @@ def test_finalised_masks_are_identical_and_the_budget_is_exact(ranks):
 def test_callback_state_and_report_are_identical(ranks):
     """Including the accuracies measured at finalisation on the validation loader, which DDP shards per rank."""
     a, b = ranks["fit"]
-    assert a["callback_state"]["finalized"] and a["callback_state"]["report"]["acc_hard"] is not None
+    assert a["callback_state"]["finalized"] and a["callback_state"]["report"]["val_after_cut"]
     assert a["callback_state"] == b["callback_state"]
 
 
@@ -114,14 +114,13 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(ranks):
 def test_a_nan_latent_on_one_rank_stops_every_rank_with_the_same_error(ranks):
     for result in ranks["nan_latent_rank1"]:
         assert result["error"][0] == "NonFiniteError", result["traceback"]
-        assert "Layer 'backbone.features.2' has non-finite latent weights on rank 1 after step 5" in result["error"][1]
+        assert "'backbone.features.2.weight' has non-finite latent weights on rank 1 after step 5" in result["error"][1]
         assert result["global_step"] == 5
 
 
 def test_a_layer_that_one_rank_does_not_reach_gets_the_same_update_on_both(ranks):
-    """With find_unused_parameters=True, a layer only rank 0's loss uses: adding its budget gradient in rank 0's
-    backward pass (all-reduced) and in rank 1's flush (not) would split the replicas; the callback adds it after the
-    backward pass there, so every gradient and latent stays identical."""
+    """With find_unused_parameters=True, a layer only rank 0's loss uses: the budget step, taken after the all-reduce
+    from a sample drawn with the same seed on every rank, keeps every gradient and latent identical."""
     a, b = ranks["unused_on_rank1"]
     assert "error" not in a and "error" not in b, a.get("traceback") or b.get("traceback")
     assert len(a["latents"]) == len(ranks["fit"][0]["latents"]) + 1  # the extra layer is pruned too

@@ -3,14 +3,14 @@ import os
 import pytest
 import torch
 
-from lightning_prune import finalize, load_pruned, make_permanent, pruned_layers, reparametrize, save_pruned
+from lightning_prune import finalize, load_pruned, make_permanent, masked_parameters, reparametrize, save_pruned
 from lightning_prune.backbones import Conv4, ResNet18
 
 
 def _finalised(model, sparsity):
     reparametrize(model)
     with torch.no_grad():  # train-like perturbation so the masks differ from the init ranking
-        for layer in pruned_layers(model):
+        for layer in masked_parameters(model):
             layer.latent.add_(0.01 * torch.randn_like(layer.latent))
     finalize(model, sparsity)
     return model
@@ -20,11 +20,11 @@ def _finalised(model, sparsity):
 def test_make_permanent_gives_a_plain_module_that_loads_strictly(make):
     torch.manual_seed(0)
     model = _finalised(make(), 0.9).eval()
-    total = sum(layer.numel for layer in pruned_layers(model))
+    total = sum(layer.numel for layer in masked_parameters(model))
     x = torch.randn(3, 3, 32, 32)
     expected = model(x)
     plain = make_permanent(model, inplace=False).eval()
-    assert not pruned_layers(plain)
+    assert not masked_parameters(plain)
     fresh = make().eval()
     fresh.load_state_dict(plain.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), expected)
@@ -72,4 +72,4 @@ def test_copy_export_leaves_the_original_usable():
     second = make_permanent(model, inplace=False)
     torch.testing.assert_close(first(x), model(x))
     torch.testing.assert_close(second(x), model(x))
-    assert pruned_layers(model)
+    assert masked_parameters(model)

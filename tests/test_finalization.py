@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import budget_count, finalize, pruned_layers, reparametrize
+from lightning_prune import budget_count, finalize, masked_parameters, reparametrize
 
 
 def _model(seed=0):
@@ -13,35 +13,35 @@ def _model(seed=0):
 
 
 def _kept(model):
-    return {layer.name: int(layer.mask.mask.sum()) for layer in pruned_layers(model)}
+    return {layer.name: int(layer.mask.mask.sum()) for layer in masked_parameters(model)}
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999])
 @pytest.mark.parametrize("mode", ["global", "layer"])
 def test_exact_budget(sparsity, mode):
     model = _model()
-    total = sum(layer.numel for layer in pruned_layers(model))
+    total = sum(layer.numel for layer in masked_parameters(model))
     result = finalize(model, sparsity, min_layer_keep=0.0, mode=mode)
     assert result.kept == round((1 - sparsity) * total) == budget_count(total, sparsity)
     assert sum(_kept(model).values()) == result.kept
-    assert all(bool(layer.mask.hard) for layer in pruned_layers(model))
+    assert all(bool(layer.mask.hard) for layer in masked_parameters(model))
     # the network now computes with θ ⊙ M exactly
-    for layer in pruned_layers(model):
+    for layer in masked_parameters(model):
         torch.testing.assert_close(layer.module.weight, layer.latent * layer.mask.mask)
 
 
 def test_global_mode_keeps_the_largest_normalised_magnitudes():
     model = _model()
-    scores = torch.cat([layer.mask.score(layer.latent).flatten() for layer in pruned_layers(model)])
+    scores = torch.cat([layer.mask.score(layer.latent).flatten() for layer in masked_parameters(model)])
     finalize(model, 0.9)
-    kept = torch.cat([layer.mask.mask.flatten() for layer in pruned_layers(model)])
+    kept = torch.cat([layer.mask.mask.flatten() for layer in masked_parameters(model)])
     assert scores[kept].min() >= scores[~kept].max()
 
 
 def test_ties_are_broken_deterministically_by_position():
     model = nn.Sequential(nn.Linear(10, 10))
     reparametrize(model)
-    layer = pruned_layers(model)[0]
+    layer = masked_parameters(model)[0]
     with torch.no_grad():
         layer.latent.fill_(0.5)  # every score equal
     finalize(model, 0.75)
@@ -50,25 +50,25 @@ def test_ties_are_broken_deterministically_by_position():
     again = nn.Sequential(nn.Linear(10, 10))
     reparametrize(again)
     with torch.no_grad():
-        pruned_layers(again)[0].latent.fill_(0.5)
+        masked_parameters(again)[0].latent.fill_(0.5)
     finalize(again, 0.75)
-    assert torch.equal(pruned_layers(again)[0].mask.mask, layer.mask.mask)
+    assert torch.equal(masked_parameters(again)[0].mask.mask, layer.mask.mask)
 
 
 def test_floor_keeps_every_layer_alive():
     model = _model()
     with torch.no_grad():  # make the first conv the weakest by far: a global cut would empty it
-        pruned_layers(model)[0].latent.mul_(1e-3)
+        masked_parameters(model)[0].latent.mul_(1e-3)
     finalize(_clone_and_keep := model, 0.95, min_layer_keep=0.0)
     assert _kept(_clone_and_keep)["0"] == 0
     model = _model()
     with torch.no_grad():
-        pruned_layers(model)[0].latent.mul_(1e-3)
+        masked_parameters(model)[0].latent.mul_(1e-3)
     result = finalize(model, 0.95, min_layer_keep=0.02)
     kept = _kept(model)
-    total = sum(layer.numel for layer in pruned_layers(model))
+    total = sum(layer.numel for layer in masked_parameters(model))
     assert result.kept == round(0.05 * total)
-    for layer in pruned_layers(model):
+    for layer in masked_parameters(model):
         assert kept[layer.name] >= max(1, -(-0.02 * layer.numel // 1))
 
 

@@ -28,7 +28,7 @@ def test_last_checkpoint_is_the_finalised_network_when_the_monitor_stopped_impro
     # accuracy goes up while training: with mode="min" only the first epoch is a top-1 checkpoint
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="min", save_top_k=1, save_last=save_last)
     trainer = quiet_trainer(
-        max_epochs=3, callbacks=[BudgetCallback(sparsity=0.8, report_accuracy=False), checkpoint],
+        max_epochs=3, callbacks=[BudgetCallback(sparsity=0.8, measure_cut=False), checkpoint],
         enable_checkpointing=True,
     )
     trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))

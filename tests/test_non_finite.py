@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from plain_modules import quiet_trainer, tiny_conv4
 
-from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, pruned_layers
+from lightning_prune import BudgetCallback, NonFiniteError, PrunedClassifier, masked_parameters
 from lightning_prune.data import DigitsDataModule
 
 # 10 optimizer steps per epoch (1,258 training digits / 128); checkpoints every 5 steps: step=5, step=10 and last
@@ -40,11 +40,11 @@ class _Fault(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.where == "update" and trainer.global_step == self.at:
-            self._inject(trainer, pruned_layers(pl_module)[1].latent)
+            self._inject(trainer, masked_parameters(pl_module)[1].latent)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "after_check" and trainer.global_step == self.at:
-            self._inject(trainer, pruned_layers(pl_module)[1].latent)
+            self._inject(trainer, masked_parameters(pl_module)[1].latent)
 
 
 def _all_tensors(obj):

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plain_modules import CrashAt, quiet_trainer, tiny_conv4
 from torch.utils.data import DataLoader
 
-from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, pruned_layers
+from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, masked_parameters
 from lightning_prune.data import DigitsDataModule
 
 STEPS_PER_EPOCH = 10  # 1,258 training digits / 128
@@ -52,7 +52,7 @@ class _ResumableDigits(DigitsDataModule):
 def _fit(ckpt_dir, ckpt_path=None, crash_at=None, seed=0, stateful=True, max_epochs=3):
     torch.manual_seed(seed)  # a resumed run starts from other random weights: the checkpoint must overwrite them
     model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
-    callback = BudgetCallback(sparsity=0.8, report_accuracy=False)
+    callback = BudgetCallback(sparsity=0.8, measure_cut=False)
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, every_n_train_steps=5, save_top_k=-1, save_last=True, filename="{step}"
     )
@@ -102,14 +102,14 @@ def test_mid_epoch_resume_continues_exactly(full_run, tmp_path):
     resumed, resumed_cb, trainer = _fit(tmp_path, ckpt_path=str(tmp_path / "last.ckpt"), seed=1)
     assert trainer.global_step == full_trainer.global_step == 3 * STEPS_PER_EPOCH
     assert resumed_cb.finalized and full_cb.finalized
-    assert resumed_cb.state_dict() == full_cb.state_dict()  # λ, T, target, step, report
-    for a, b in zip(pruned_layers(full), pruned_layers(resumed)):
+    assert resumed_cb.state_dict() == full_cb.state_dict()  # the budget loop's integral, the report
+    for a, b in zip(masked_parameters(full), masked_parameters(resumed)):
         assert torch.equal(a.mask.mask, b.mask.mask), a.name
         assert torch.equal(a.latent, b.latent), a.name
     assert _same_optimizer_state(
         full_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
     )
-    layers = pruned_layers(resumed)
+    layers = masked_parameters(resumed)
     assert sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(
         sum(layer.numel for layer in layers), 0.8
     )
@@ -124,15 +124,15 @@ def test_mid_epoch_resume_with_a_plain_loader_replays_batches_but_keeps_the_budg
     with pytest.warns(UserWarning, match="resuming from a checkpoint that ended before the epoch ended"):
         resumed, resumed_cb, trainer = _fit(tmp_path, ckpt_path=str(tmp_path / "last.ckpt"), stateful=False)
     assert trainer.global_step == 3 * STEPS_PER_EPOCH
-    assert (resumed_cb.lam, resumed_cb.temperature, resumed_cb.target_keep, resumed_cb.step) == (
-        full_cb.lam, full_cb.temperature, full_cb.target_keep, full_cb.step
+    assert (resumed_cb.temperature, resumed_cb.target_keep, resumed_cb.step) == (
+        full_cb.temperature, full_cb.target_keep, full_cb.step
     )
-    layers = pruned_layers(resumed)
+    layers = masked_parameters(resumed)
     assert all(bool(layer.mask.hard) for layer in layers)
     assert sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(
         sum(layer.numel for layer in layers), 0.8
     )
-    replayed = any(not torch.equal(a.latent, b.latent) for a, b in zip(pruned_layers(full), layers))
+    replayed = any(not torch.equal(a.latent, b.latent) for a, b in zip(masked_parameters(full), layers))
     assert replayed  # documents the limit: a plain loader replays the epoch's first batches
 
 
@@ -147,7 +147,7 @@ def test_mid_epoch_checkpoint_loads_strictly(tmp_path):
     fresh = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)
-    for a, b in zip(pruned_layers(loaded), pruned_layers(fresh)):
+    for a, b in zip(masked_parameters(loaded), masked_parameters(fresh)):
         assert not bool(a.mask.hard)  # soft masks mid-training
         assert torch.equal(a.latent, b.latent) and torch.equal(a.mask.temperature, b.mask.temperature)
     x = torch.randn(4, 1, 8, 8)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import is_reparametrized, pruned_layers, reparametrize, reparametrize_like
+from lightning_prune import is_reparametrized, masked_parameters, reparametrize, reparametrize_like
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 
 
@@ -20,17 +20,17 @@ def test_every_conv_and_linear_weight_is_wrapped_with_equal_parameter_count(make
     names = reparametrize(model)
     assert names == expected
     assert _count(model) == before
-    assert [layer.name for layer in pruned_layers(model)] == expected
+    assert [layer.name for layer in masked_parameters(model)] == expected
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_second_call_is_a_no_op():
     model = Conv4(width=4, hidden=8)
     reparametrize(model)
-    latents = [layer.latent for layer in pruned_layers(model)]
+    latents = [layer.latent for layer in masked_parameters(model)]
     assert reparametrize(model) == []
-    assert [layer.latent for layer in pruned_layers(model)] == latents
-    for layer in pruned_layers(model):
+    assert [layer.latent for layer in masked_parameters(model)] == latents
+    for layer in masked_parameters(model):
         assert len(layer.module.parametrizations.weight) == 1
 
 
