@@ -198,6 +198,12 @@ class BudgetCallback(Callback):
     def _attach_state(self, pl_module: pl.LightningModule) -> None:
         self._params = masked_parameters(pl_module)
         self._latent_ids = {id(p.latent) for p in self._params}
+        if self._params:
+            # global mode: every weight loses the same magnitude λ·s̄ (s̄ the size-weighted mean scale), the proximal
+            # step of λ·Σ|θ|/s̄; in units of each tensor's own scale that is λ·s̄/s_i
+            scales = torch.stack([p.mask.scale.float() for p in self._params])
+            sizes = torch.tensor([float(p.numel) for p in self._params], device=scales.device)
+            self._relative_scale = (scales * sizes).sum() / sizes.sum() / scales
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach_state(pl_module)  # after a strategy wrapped the module: the same tensors
@@ -225,7 +231,7 @@ class BudgetCallback(Callback):
             return
         gap, shares = margin_gap(self._params, self.target_keep, self.mode, seed=trainer.global_step)
         self._lambda = self.controller.update(gap)
-        rates = self._lambda.expand(len(self._params)) if self.mode == "global" else self._lambda
+        rates = self._lambda * self._relative_scale if self.mode == "global" else self._lambda
         # a tensor at its floor feels no budget pressure
         rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
         budget_step(self._params, rates)
