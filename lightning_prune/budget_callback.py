@@ -166,7 +166,6 @@ class BudgetCallback(Callback):
             self._attach_state(pl_module)
             return
         # everything is checked before the module is changed: a refused fit leaves it as it was
-        self._total = self.total_steps or _planned_steps(trainer)
         chosen = prunable_parameters(pl_module, self.include, self.exclude, self.embeddings)
         sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
         floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
@@ -176,6 +175,8 @@ class BudgetCallback(Callback):
                 f"{self.sparsity} allows {budget_count(sum(sizes), self.sparsity)} of {sum(sizes)}: lower "
                 "min_layer_keep or the sparsity."
             )
+        if self.total_steps is None and trainer.max_steps == -1 and (trainer.max_epochs or -1) < 0:
+            raise ValueError(_UNKNOWN_LENGTH)
         reparametrize(
             pl_module,
             include=self.include,
@@ -392,13 +393,18 @@ class BudgetCallback(Callback):
             )
 
 
+_UNKNOWN_LENGTH = (
+    "BudgetCallback needs a finite training length to schedule the target and the temperature: set max_epochs or "
+    "max_steps on the Trainer (with max_time, set the steps it will take as total_steps on the callback)."
+)
+
+
 def _planned_steps(trainer: pl.Trainer) -> int:
+    # called in on_fit_start, not setup: it builds the training loader, which must come after a resumed run's
+    # checkpoint restored its state (and a resumed run takes the span saved in its checkpoint)
     estimated = trainer.estimated_stepping_batches
     if not math.isfinite(estimated):
-        raise ValueError(
-            "BudgetCallback needs a finite training length to schedule the target and the temperature: set max_epochs "
-            "or max_steps on the Trainer (with max_time, set the steps it will take as total_steps on the callback)."
-        )
+        raise ValueError(_UNKNOWN_LENGTH)
     return int(estimated)
 
 

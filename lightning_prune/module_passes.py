@@ -33,6 +33,13 @@ def _captured_logs(pl_module: pl.LightningModule) -> Iterator[dict[str, list[Any
         del pl_module.log, pl_module.log_dict
 
 
+def _to_device(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> Any:
+    """What Lightning's loops do to a batch before the step: precision cast, the module's transfer hooks, device."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+
+
 def _loaders(loaders: Any) -> list[Any]:
     if loaders is None:
         return []
@@ -63,7 +70,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                 for batch_idx, batch in enumerate(loader):
                     if batch_idx >= limit:
                         break
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+                    batch = _to_device(trainer, pl_module, batch, index)
                     extra = (index,) if len(loaders) > 1 else ()
                     trainer.strategy.validation_step(batch, batch_idx, *extra)
         values = {name: _mean(items) for name, items in logged.items()}
@@ -116,7 +123,7 @@ def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, nu
             for batch_idx, batch in enumerate(loaders[0]):
                 if used >= num_batches:
                     break
-                batch = trainer.strategy.batch_to_device(batch)
+                batch = _to_device(trainer, pl_module, batch, 0)
                 trainer.strategy.training_step(batch, batch_idx)
                 used += 1
     finally:

@@ -50,9 +50,9 @@ class PruningInspector(Callback):
     At the end of every ``every_n_epochs``-th training epoch (and once more at the end of fit if the masks were
     hardened after the last inspection) it writes, for every reparametrized layer:
 
-    * ``inspect/threshold/<layer>`` (scalar, through ``self.log``, so every Lightning logger gets it): the
+    * ``inspect/threshold/<tensor>`` (scalar, through ``self.log``, so every Lightning logger gets it): the
       threshold ``c`` in normalised units, or the effective cut once the mask is hard;
-    * ``inspect/score/<layer>`` (TensorBoard histogram): the normalised magnitudes ``|θ|/s`` that are ranked against
+    * ``inspect/score/<tensor>`` (TensorBoard histogram): the normalised magnitudes ``|θ|/s`` that are ranked against
       the threshold;
     * ``inspect/kept_share`` (TensorBoard image, one per inspection): a bar chart of each layer's kept share
       (hard mask, with the soft share as a tick while training) next to the ``|θ|/s`` distributions of all layers
@@ -68,7 +68,7 @@ class PruningInspector(Callback):
 
     Args:
         every_n_epochs: inspect every this many training epochs (>= 1).
-        histograms: write the ``inspect/score/<layer>`` histograms (and the distribution panel of the figure).
+        histograms: write the ``inspect/score/<tensor>`` histograms (and the distribution panel of the figure).
         bar_chart: write the ``inspect/kept_share`` figure.
         bins: number of histogram bins, in [2, 10000].
         max_score: right edge of the histograms in units of ``|θ|/s`` (> 0); ``None`` uses the largest score.

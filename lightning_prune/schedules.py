@@ -41,7 +41,7 @@ def temperature_at(progress: float, start: float, end: float, ramp_end: float) -
 
     Example:
         >>> [round(temperature_at(p, 0.5, 0.02, 0.4), 4) for p in (0.0, 0.2, 0.3999, 0.4, 1.0)]
-        [0.5, 0.1, 0.0201, 0.0, 0.0]
+        [0.5, 0.1, 0.02, 0.0, 0.0]
     """
     if progress >= ramp_end:
         return 0.0

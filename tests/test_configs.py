@@ -53,7 +53,21 @@ def config(name: str) -> str:
 
 def test_one_config_per_experiment():
     found = {p.stem for pattern in ("cifar10_*.yaml", "tinyimagenet_*.yaml") for p in (REPO / "configs").glob(pattern)}
-    assert found == set(EXPERIMENTS)
+    assert found == set(EXPERIMENTS) | {"cifar10_conv4_cpu"}
+
+
+def test_cpu_config_reads_the_prepared_real_images_and_takes_a_sparsity_override(tmp_path, monkeypatch):
+    """configs/cifar10_conv4_cpu.yaml: the paper's Conv4 recipe on a subset of the real images (docs/cifar10_real.md)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", config("cifar10_conv4_cpu"), "--trainer.callbacks.init_args.sparsity", "0.98"]
+    cli = PruneCLI(args=args, run=False)
+    dm, model, trainer = cli.datamodule, cli.model, cli.trainer
+    assert type(dm) is CIFAR10DataModule and dm.data_dir == "data/cifar10-real"
+    assert not dm.download and not dm.verify_checksums  # JPEG copies: no download, checksums off
+    assert [cb.sparsity for cb in trainer.callbacks if isinstance(cb, BudgetCallback)] == [0.98]
+    assert type(model.backbone).__name__ == "Conv4"
+    scheduler = model.lr_scheduler_factory(model.optimizer_factory(model.parameters()))
+    assert scheduler.T_max == trainer.max_epochs
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))

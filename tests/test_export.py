@@ -37,7 +37,7 @@ def test_soft_model_cannot_be_exported():
     reparametrize(model)
     with pytest.raises(ValueError, match="finalize"):
         make_permanent(model)
-    with pytest.raises(ValueError, match="no reparametrized layer"):
+    with pytest.raises(ValueError, match="no reparametrized tensor"):
         make_permanent(Conv4(width=4, hidden=8))
 
 

@@ -71,14 +71,24 @@ def test_harden_uses_the_fixed_mask():
 
 
 def test_bfloat16_weight_gate_computed_in_float32():
-    mask = MagnitudeMask((4,), scale=1.0, threshold=1.0, temperature=0.01)
-    theta = torch.tensor([1.004, 0.996, 2.0, 0.1], dtype=torch.bfloat16)
-    gate = mask.soft_gate(theta)
-    assert gate.dtype == torch.bfloat16
-    assert bool(mask.hard_gate(theta.float())[2]) and not bool(mask.hard_gate(theta.float())[3])
+    from lightning_prune.magnitude_mask import gate
+
+    mask = MagnitudeMask((4,), scale=0.3, threshold=1.0, temperature=0.01)
+    theta = torch.tensor([0.30078125, 0.298828125, 0.6, 0.03], dtype=torch.bfloat16)  # exact bf16 values
+    h = gate(theta, mask.scale, mask.threshold, mask.temperature)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, gate(theta.float(), mask.scale, mask.threshold, mask.temperature))
+    # in bf16 arithmetic |θ|/s would round both first weights to the threshold (gate 0.5 each)
+    assert h[0] > 0.55 and h[1] < 0.45
+    assert mask(theta).dtype == torch.bfloat16
+    assert mask.hard_gate(theta).tolist() == [True, False, True, False]
 
 
-@pytest.mark.parametrize("bad", [dict(scale=0.0), dict(scale=1.0, temperature=0.0)])
-def test_bad_arguments(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad, message",
+    [(dict(scale=0.0), "positive scale"), (dict(scale=1.0, temperature=-0.1), "temperature >= 0"),
+     (dict(scale=1.0, grad_temperature=0.0), "grad_temperature > 0")],
+)
+def test_bad_arguments(bad, message):
+    with pytest.raises(ValueError, match=message):
         MagnitudeMask((2, 2), **bad)

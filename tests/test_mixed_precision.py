@@ -20,6 +20,7 @@ from lightning_prune import (
     reparametrize,
 )
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.magnitude_mask import gate
 
 
 class _Watch(Callback):
@@ -60,7 +61,7 @@ def test_gates_of_a_bf16_weight_compare_with_the_threshold_in_float32():
     assert (theta / mask.scale).item() == 1.0  # in bfloat16 the ratio rounds onto c: the weight would be dropped
     assert mask.score(theta).dtype == torch.float32 and mask.score(theta).item() > 1.0
     assert bool(mask.hard_gate(theta))
-    assert mask.soft_gate(theta).item() > 0.5  # σ((|θ|/s − c)/T) = σ(12.4), not σ(0)
+    assert gate(theta, mask.scale, mask.threshold, mask.temperature).item() > 0.5  # σ(12.4), not σ(0)
 
 
 def test_finalize_ranks_bf16_weights_by_their_float32_scores():
@@ -77,4 +78,4 @@ def test_finalize_ranks_bf16_weights_by_their_float32_scores():
         second.mask.scale.fill_(1.0)  # 1.0078125 in both
     assert (first.latent / first.mask.scale).item() == (second.latent / second.mask.scale).item()  # a bf16 tie
     result = finalize(model, sparsity=0.5)
-    assert result.per_layer == {"0": (0, 1), "1": (1, 1)}
+    assert result.per_layer == {"0.weight": (0, 1), "1.weight": (1, 1)}

@@ -62,11 +62,11 @@ def _all_tensors(obj):
     "where, at, message",
     [
         # the optimizer step taken at global_step 11 (the 12th) produces the NaN
-        ("update", 11, r"Layer 'backbone\.features\.2' has non-finite latent weights after step 12\."),
+        ("update", 11, r"'backbone\.features\.2\.weight' has non-finite latent weights after step 12\."),
         # NaN after the check of step 15, which ModelCheckpoint would save: the save itself is refused
-        ("after_check", 15, r"Layer 'backbone\.features\.2' has non-finite latent weights after step 15\. "
+        ("after_check", 15, r"'backbone\.features\.2\.weight' has non-finite latent weights after step 15\. "
          r"The checkpoint of this step was not written\."),
-        ("input", 12, r"The training loss is nan at step 12 "),
+        ("input", 12, r"The training loss is nan at step 12\. Training stopped before the optimizer step"),
     ],
     ids=["nan_latent_from_the_update", "nan_latent_after_the_check", "nan_loss"],
 )

@@ -103,7 +103,7 @@ def test_every_documented_scalar_is_logged_with_sane_values(run):
         assert all(e.value >= 0.0 for e in scalars[tag]), tag
     assert max(abs(e.value) for e in scalars["prune/lambda"]) > 0.0  # the budget loop acted
     assert all(e.value >= 0.0 for e in scalars["prune/temperature"])
-    assert all(e.value > 0.0 for e in scalars["inspect/threshold/backbone.features.0"])
+    assert all(e.value > 0.0 for e in scalars["inspect/threshold/backbone.features.0.weight"])
     total = sum(layer.numel for layer in masked_parameters(model))
     [final] = scalars["prune/kept_final"]
     assert abs(final.value - (1.0 - SPARSITY)) <= 1.0 / total
@@ -145,7 +145,7 @@ def test_finalisation_after_the_last_inspection_is_inspected_at_train_end(tmp_pa
     trainer.fit(_tiny_model(), DigitsDataModule(image_size=8, batch_size=64))
     events = _read_events(trainer.log_dir)
     assert [img.step for img in events["images"]["inspect/kept_share"]] == [6, 9]  # epoch 2, then at train end
-    assert [e.step for e in events["scalars"]["inspect/threshold/backbone.features.0"]] == [5, 9]
+    assert [e.step for e in events["scalars"]["inspect/threshold/backbone.features.0.weight"]] == [5, 9]
 
 
 def test_other_logger_warns_once_and_still_gets_the_scalars(tmp_path):
@@ -157,7 +157,7 @@ def test_other_logger_warns_once_and_still_gets_the_scalars(tmp_path):
     assert sum("TensorBoardLogger" in str(w.message) for w in record) == 1
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    values = [float(r["inspect/threshold/backbone.features.0"]) for r in rows if r["inspect/threshold/backbone.features.0"]]
+    values = [float(r["inspect/threshold/backbone.features.0.weight"]) for r in rows if r["inspect/threshold/backbone.features.0.weight"]]
     assert len(values) == 2 and all(v > 0 for v in values)
 
 
