@@ -4,6 +4,7 @@ it logs (to compare the network before and after the cut) and the re-estimation 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,22 @@ def _to_device(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, d
     return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
 
+@contextlib.contextmanager
+def _metrics_put_back(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run the block on reset torchmetrics objects, then give every metric back the state it had: the epoch's
+    accumulated training and validation metrics are not touched by a pass of ours."""
+    metrics = [m for m in pl_module.modules() if _is_metric(m)]
+    saved = [copy.deepcopy({k: getattr(m, k) for k in (*m._defaults, "_update_count", "_computed")}) for m in metrics]
+    for metric in metrics:
+        metric.reset()
+    try:
+        yield
+    finally:
+        for metric, state in zip(metrics, saved):
+            for name, value in state.items():
+                setattr(metric, name, value)
+
+
 def _loaders(loaders: Any) -> list[Any]:
     if loaders is None:
         return []
@@ -60,11 +77,8 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
     limits = list(getattr(trainer, "num_val_batches", []) or [])
     was_training = pl_module.training
     pl_module.eval()
-    metrics = {m for m in pl_module.modules() if _is_metric(m)}
-    for metric in metrics:
-        metric.reset()
     try:
-        with torch.no_grad(), _captured_logs(pl_module) as logged:
+        with torch.no_grad(), _captured_logs(pl_module) as logged, _metrics_put_back(pl_module):
             for index, loader in enumerate(loaders):
                 limit = limits[index] if index < len(limits) else math.inf
                 for batch_idx, batch in enumerate(loader):
@@ -73,10 +87,8 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                     batch = _to_device(trainer, pl_module, batch, index)
                     extra = (index,) if len(loaders) > 1 else ()
                     trainer.strategy.validation_step(batch, batch_idx, *extra)
-        values = {name: _mean(items) for name, items in logged.items()}
+            values = {name: _mean(items) for name, items in logged.items()}
     finally:
-        for metric in metrics:
-            metric.reset()
         pl_module.train(was_training)
     values = {name: value for name, value in values.items() if value is not None}
     if trainer.world_size > 1 and values:
@@ -119,7 +131,7 @@ def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, nu
     pl_module.train()
     used = 0
     try:
-        with _captured_logs(pl_module):
+        with _captured_logs(pl_module), _metrics_put_back(pl_module):
             for batch_idx, batch in enumerate(loaders[0]):
                 if used >= num_batches:
                     break
