@@ -68,15 +68,33 @@ def soft_kept_counts(params: list[MaskedParameter]) -> dict[str, tuple[float, in
 
 
 @torch.no_grad()
+def floor_threshold(param: MaskedParameter, floor: int, threshold: float) -> Tensor:
+    """The threshold that keeps a tensor's ``floor`` largest scores in use: ``min(c, the (floor+1)-th largest
+    score)`` (a 0-dim tensor on θ's device), so that training uses the weights the cut's floor will keep."""
+    scores = param.mask.score(param.latent).reshape(-1)
+    if floor >= scores.numel():
+        return torch.zeros((), device=scores.device, dtype=scores.dtype)
+    return torch.kthvalue(scores, scores.numel() - floor).values.clamp(max=threshold)
+
+
+@torch.no_grad()
 def margin_gap(
-    params: list[MaskedParameter], keep: float, mode: BudgetMode = "global", seed: int = 0
+    params: list[MaskedParameter],
+    keep: float,
+    mode: BudgetMode = "global",
+    seed: int = 0,
+    threshold: float | None = None,
+    floors: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """How far the weights are from the target, in score units: ``q − c``, with ``q`` the score ``|θ|/s`` above which
     a share ``keep`` of the weights lie (one value in global mode, one per tensor in layer mode), estimated from a
-    random sample of the weights; and each tensor's sampled kept share ``share(|θ|/s > c)``.
+    random sample of the weights; and each tensor's sampled share in use, ``share(|θ|/s > c_i)`` with ``c_i`` its
+    mask's threshold.
 
-    ``q − c > 0``: more weights than the target sit above the threshold. The sample is drawn from ``seed`` (the same
-    on every rank), so every rank computes the same values.
+    ``q − c > 0``: more weights than the target sit above the threshold. In global mode ``c`` is ``threshold`` (by
+    default the first mask's), and the weights that per-tensor ``floors`` keep under ``c`` are taken out of the target
+    first, as the cut does. The sample is drawn from ``seed`` (the same on every rank), so every rank computes the
+    same values.
     """
     total = sum(p.numel for p in params)
     generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
@@ -90,20 +108,26 @@ def margin_gap(
         scores.append(score)
         weights.append(torch.full((n,), p.numel / n, device=score.device, dtype=score.dtype))
         shares.append((score > p.mask.threshold).float().mean())
-    threshold = params[0].mask.threshold
     if mode == "layer":
         margins = torch.stack([_top_quantile(s, torch.ones_like(s), keep * s.numel()) for s in scores])
         thresholds = torch.stack([p.mask.threshold for p in params])
         return margins - thresholds, torch.stack(shares)
-    margin = _top_quantile(torch.cat(scores), torch.cat(weights), keep * total)
-    return (margin - threshold).reshape(1), torch.stack(shares)
+    c = params[0].mask.threshold if threshold is None else torch.tensor(threshold, device=scores[0].device)
+    mass = torch.tensor(keep * total, dtype=torch.float64, device=scores[0].device)
+    for p, score, floor in zip(params, scores, floors or [0] * len(params)):
+        if floor:  # floor weights under c are kept by the cut whatever the target: they use part of it
+            above = (score > c).double().mean() * p.numel
+            mass = mass - (floor - above).clamp_min(0)
+    margin = _top_quantile(torch.cat(scores), torch.cat(weights), mass)
+    return (margin - c).reshape(1), torch.stack(shares)
 
 
-def _top_quantile(scores: Tensor, weights: Tensor, mass: float) -> Tensor:
+def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tensor:
     """The score at which the weights of the scores above it add up to ``mass``."""
     order = torch.argsort(scores, descending=True)
     cumulative = torch.cumsum(weights[order], 0)
-    index = torch.searchsorted(cumulative, torch.tensor([mass], dtype=cumulative.dtype, device=cumulative.device))
+    mass = torch.as_tensor(mass, dtype=cumulative.dtype, device=cumulative.device).reshape(1)
+    index = torch.searchsorted(cumulative, mass)
     return scores[order][index.clamp(max=scores.numel() - 1)].reshape(())
 
 

@@ -18,6 +18,7 @@ from lightning_prune.budget import (
     budget_count,
     budget_step,
     check_sparsity,
+    floor_threshold,
     hard_kept_counts,
     layer_floor,
     margin_gap,
@@ -32,6 +33,8 @@ from lightning_prune.schedules import TargetSchedule, target_keep_at, temperatur
 
 #: Share of each tensor kept at least, unless the budget is too small for it (see ``min_layer_keep``).
 DEFAULT_MIN_LAYER_KEEP = 0.01
+#: Optimizer steps between two updates of the thresholds of tensors near their floor.
+FLOOR_CHECK_EVERY = 10
 #: Kept share just before the cut, relative to the budget, beyond which the cut gets a warning.
 CUT_TOLERANCE = 0.1
 
@@ -199,6 +202,7 @@ class BudgetCallback(Callback):
     def _attach_state(self, pl_module: pl.LightningModule) -> None:
         self._params = masked_parameters(pl_module)
         self._latent_ids = {id(p.latent) for p in self._params}
+        self._floors = [layer_floor(p.numel, self.min_layer_keep) for p in self._params]
         if self._params:
             # global mode: every weight loses the same magnitude λ·s̄ (s̄ the size-weighted mean scale), the proximal
             # step of λ·Σ|θ|/s̄; in units of each tensor's own scale that is λ·s̄/s_i
@@ -230,12 +234,25 @@ class BudgetCallback(Callback):
         trains_latents = any(id(p) in self._latent_ids for g in optimizer.param_groups for p in g["params"])
         if self.finalized or not trains_latents:
             return
-        gap, shares = margin_gap(self._params, self.target_keep, self.mode, seed=trainer.global_step)
+        gap, shares = margin_gap(self._params, self.target_keep, self.mode, trainer.global_step, self.threshold,
+                                 self._floors if self.mode == "global" else None)
         self._lambda = self.controller.update(gap)
         rates = self._lambda * self._relative_scale if self.mode == "global" else self._lambda
         # a tensor at its floor feels no budget pressure
         rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
         budget_step(self._params, rates)
+        if self.mode == "global" and trainer.global_step % FLOOR_CHECK_EVERY == 0:
+            self._update_floor_thresholds(shares)
+
+    @torch.no_grad()
+    def _update_floor_thresholds(self, shares: Tensor) -> None:
+        """A tensor near its floor computes with its floor's largest weights in use (its threshold lowered under
+        ``c``), the weights the cut will keep; the others use ``c``. One host read of the shares per call."""
+        for p, near, floor in zip(self._params, (shares < 2 * self.min_layer_keep).tolist(), self._floors):
+            if near and floor:
+                p.mask.threshold.copy_(floor_threshold(p, floor, self.threshold))
+            else:
+                p.mask.threshold.fill_(self.threshold)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:

@@ -66,7 +66,8 @@ class PruneCLI(LightningCLI):
                 lines.append(f"  coverage            {r['coverage']}")
             before, after, bn = r.get("val_before_cut", {}), r.get("val_after_cut", {}), r.get("val_after_recalibration")
             for name in sorted(set(before) & set(after)):
-                figures = f"{before[name]:.4f} -> {after[name]:.4f}" + (f" -> {bn[name]:.4f} (BatchNorm)" if bn else "")
+                figures = f"{before[name]:.4f} -> {after[name]:.4f}"
+                figures += f" -> {bn[name]:.4f} (BatchNorm re-estimated)" if bn and name in bn else ""
                 lines.append(f"  {name + ' at cut':<19} {figures}")
         if test_acc is not None:
             lines.append(f"  test accuracy       {float(test_acc):.4f}")

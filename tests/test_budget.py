@@ -92,3 +92,35 @@ def test_controller_refuses_bad_settings():
         BudgetController(response_steps=0.5)
     with pytest.raises(ValueError, match="max_step"):
         BudgetController(max_step=0)
+
+
+def test_floor_threshold_puts_exactly_the_floors_largest_weights_in_use():
+    from lightning_prune.budget import floor_threshold
+
+    params = masked_parameters(_model())
+    p = params[1]
+    with torch.no_grad():
+        p.latent.mul_(0.01)  # every score far under c = 1: nothing in use
+    assert int(p.mask.hard_gate(p.latent).sum()) == 0
+    threshold = floor_threshold(p, 50, 1.0)
+    assert float(threshold) < 1.0
+    p.mask.threshold.copy_(threshold)
+    kept = p.mask.hard_gate(p.latent)
+    assert int(kept.sum()) == 50
+    scores = p.mask.score(p.latent)
+    assert float(scores[kept].min()) >= float(scores[~kept].max())  # the 50 largest
+    q = params[0]  # a tensor with more than its floor above c keeps c
+    assert float(floor_threshold(q, 50, 1.0)) == 1.0
+
+
+def test_margin_gap_takes_the_floor_weights_under_the_threshold_out_of_the_target():
+    params = masked_parameters(_model())
+    with torch.no_grad():
+        params[1].latent.mul_(0.01)  # the small tensor: nothing above c, so its floor is kept under c by the cut
+    floor = 1000
+    plain, _ = margin_gap(params, 0.1, "global", seed=0, threshold=1.0)
+    with_floor, _ = margin_gap(params, 0.1, "global", seed=0, threshold=1.0, floors=[0, floor])
+    total = sum(p.numel for p in params)
+    exact = _score_quantile([params[0]], (0.1 * total - floor) / params[0].numel) - 1.0
+    assert float(with_floor) == pytest.approx(float(exact), abs=0.05)
+    assert float(with_floor) > float(plain)  # fewer weights may stay above c

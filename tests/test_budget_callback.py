@@ -166,6 +166,9 @@ def test_a_tensor_at_its_floor_feels_no_budget_pressure():
     callback.on_before_optimizer_step(SimpleNamespace(global_step=0), model, optimizer)
     assert torch.equal(floored.latent, frozen)
     assert bool((other.latent.abs() < before.abs()).any())  # the budget step did act on the other tensor
+    # and the tensor computes with its floor's largest weights, the ones the cut will keep
+    assert int(floored.mask.hard_gate(floored.latent).sum()) == layer_floor(floored.numel, 0.05) == 205
+    assert float(other.mask.threshold) == 1.0
 
 
 def _conv4_classifier() -> PrunedClassifier:

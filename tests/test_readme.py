@@ -23,3 +23,11 @@ def test_callback_example_reaches_the_exact_budget(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "my_pruned_net.pt")
     weights = [m.weight for m in scope["plain"].modules() if hasattr(m, "weight") and m.weight.dim() > 1]
     assert sum(int((w != 0).sum()) for w in weights) == report["kept"]
+
+
+def test_ci_runs_the_readmes_two_set_up_commands():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        (setup,) = re.findall(r"## Set up\n\n```bash\n(.*?)```", f.read(), flags=re.S)
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert setup.strip().splitlines() == ci
