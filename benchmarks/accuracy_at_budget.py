@@ -1,6 +1,6 @@
 """Accuracy at a budget: lightning_prune against Lightning's ModelPruning and one-shot magnitude pruning.
 
-Same backbone, data, epochs, optimizer (Adam, lr 1e-3) and seed for every method:
+Same backbone, data, epochs, optimizer (``--recipe``: Adam, lr 1e-3 by default) and seed for every method:
 
 * ``dense``: no pruning;
 * ``lightning_prune``: ``PrunedClassifier`` + ``BudgetCallback(sparsity=s)`` with its defaults (finalised, hard masks,
@@ -25,11 +25,18 @@ Usage::
 
     python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 1 2 --epochs 20 --csv accuracy.csv
 
-    # what benchmarks/results/accuracy_at_budget_digits.* come from (the defaults; 24 minutes on a 2-core CPU shared
-    # with other jobs, about 13 on an idle one: 25-30 s per training run, 27 runs):
-    python benchmarks/accuracy_at_budget.py --threads 2 --flush-denormal --seeds 0 1 2 --epochs 20 \\
-        --sparsities 0.9 0.95 0.98 0.99 \\
+    # what benchmarks/results/accuracy_at_budget_digits.* come from (36 runs of about 20 s on a 2-core CPU):
+    python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 1 2 --epochs 20 --sparsities 0.9 0.95 0.98 0.99 \
+        --methods dense oneshot lightning_prune modelpruning \
         --csv benchmarks/results/accuracy_at_budget_digits.csv --json benchmarks/results/accuracy_at_budget_digits.json
+
+    # benchmarks/results/accuracy_at_budget_cifar10.*: real CIFAR-10 images, 5,000-image training subset (500 of which
+    # validate) and 1,000 test images, the paper config's SGD recipe, 10 epochs, one seed:
+    ../shared/tools/cifar10-from-jpeg data/cifar10-small --train-per-class 500 --test-per-class 100
+    python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 --epochs 10 --sparsities 0.9 0.95 0.98 0.99 \
+        --methods dense oneshot lightning_prune modelpruning --cifar10-dir data/cifar10-small --val-size 500 \
+        --num-workers 1 --batch-size 128 --recipe sgd-cosine --lr 0.01 \
+        --csv benchmarks/results/accuracy_at_budget_cifar10.csv --json benchmarks/results/accuracy_at_budget_cifar10.json
 """
 
 from __future__ import annotations
@@ -298,9 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="adam: Adam(lr); sgd-cosine: the paper configs' SGD(lr, momentum 0.9, nesterov, weight decay "
                         "5e-4) with a cosine schedule over the epochs")
     p.add_argument("--flush-denormal", action="store_true",
-                   help="torch.set_flush_denormal(True) for the whole run, recorded in the JSON (a guard against slow "
-                        "subnormal arithmetic; a probe of a digits run at 0.98 found no subnormal latent, gradient or "
-                        "Adam state, and the accuracies are the same with and without it)")
+                   help="torch.set_flush_denormal(True) for the whole run (recorded in the JSON)")
     p.add_argument("--cifar10-dir", default=None, help="run on CIFAR10 from this folder (no download)")
     p.add_argument("--num-workers", type=int, default=2, help="CIFAR10 loader workers")
     p.add_argument("--val-size", type=int, default=1000, help="CIFAR10 images held out of training for validation")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -67,6 +67,15 @@ def soft_kept_counts(params: list[MaskedParameter]) -> dict[str, tuple[float, in
             for p in params}
 
 
+class MarginSample(NamedTuple):
+    """What :func:`margin_gap` reads off its sample of the weights (one value per budget: 1 in global mode, one per
+    tensor in layer mode, except ``shares``, one per tensor)."""
+
+    gap: Tensor  #: score at the target's quantile minus the threshold ``c``
+    shares: Tensor  #: each tensor's share of weights in use
+    exempt_above: Tensor  #: the score above which weights are exempt from the budget step (``inf``: none)
+
+
 @torch.no_grad()
 def floor_threshold(param: MaskedParameter, floor: int, threshold: float) -> Tensor:
     """The threshold that keeps a tensor's ``floor`` largest scores in use: ``min(c, the (floor+1)-th largest
@@ -85,7 +94,8 @@ def margin_gap(
     seed: int = 0,
     threshold: float | None = None,
     floors: list[int] | None = None,
-) -> tuple[Tensor, Tensor]:
+    exempt: float = 0.0,
+) -> MarginSample:
     """How far the weights are from the target, in score units: ``q − c``, with ``q`` the score ``|θ|/s`` above which
     a share ``keep`` of the weights lie (one value in global mode, one per tensor in layer mode), estimated from a
     random sample of the weights; and each tensor's sampled share in use, ``share(|θ|/s > c_i)`` with ``c_i`` its
@@ -93,8 +103,9 @@ def margin_gap(
 
     ``q − c > 0``: more weights than the target sit above the threshold. In global mode ``c`` is ``threshold`` (by
     default the first mask's), and the weights that per-tensor ``floors`` keep under ``c`` are taken out of the target
-    first, as the cut does. The sample is drawn from ``seed`` (the same on every rank), so every rank computes the
-    same values.
+    first, as the cut does. ``exempt`` (a share of the weights) also gives the score above which the largest
+    ``exempt`` share lie: :func:`budget_step` leaves those weights alone. The sample is drawn from ``seed`` (the same
+    on every rank), so every rank computes the same values.
     """
     total = sum(p.numel for p in params)
     generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
@@ -111,15 +122,22 @@ def margin_gap(
     if mode == "layer":
         margins = torch.stack([_top_quantile(s, torch.ones_like(s), keep * s.numel()) for s in scores])
         thresholds = torch.stack([p.mask.threshold for p in params])
-        return margins - thresholds, torch.stack(shares)
+        exempt_above = torch.stack([_exempt_score(s, torch.ones_like(s), exempt * s.numel()) for s in scores])
+        return MarginSample(margins - thresholds, torch.stack(shares), exempt_above)
     c = params[0].mask.threshold if threshold is None else torch.tensor(threshold, device=scores[0].device)
     mass = torch.tensor(keep * total, dtype=torch.float64, device=scores[0].device)
     for p, score, floor in zip(params, scores, floors or [0] * len(params)):
         if floor:  # floor weights under c are kept by the cut whatever the target: they use part of it
             above = (score > c).double().mean() * p.numel
             mass = mass - (floor - above).clamp_min(0)
-    margin = _top_quantile(torch.cat(scores), torch.cat(weights), mass)
-    return (margin - c).reshape(1), torch.stack(shares)
+    scores, weights = torch.cat(scores), torch.cat(weights)
+    margin = _top_quantile(scores, weights, mass)
+    exempt_above = _exempt_score(scores, weights, exempt * total).reshape(1)
+    return MarginSample((margin - c).reshape(1), torch.stack(shares), exempt_above)
+
+
+def _exempt_score(scores: Tensor, weights: Tensor, mass: float) -> Tensor:
+    return _top_quantile(scores, weights, mass) if mass >= 1 else torch.full((), math.inf, device=scores.device)
 
 
 def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tensor:
@@ -132,9 +150,11 @@ def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tens
 
 
 @torch.no_grad()
-def budget_step(params: list[MaskedParameter], rates: Tensor) -> None:
+def budget_step(params: list[MaskedParameter], rates: Tensor, exempt_above: Tensor | None = None) -> None:
     """The proximal step of ``λ·Σ|θ|/s``: ``|θ| ← max(|θ| − λ_i·s_i, 0)`` for tensor ``i`` (``rates``: one λ per tensor,
     on θ's device). The sign of each weight is kept; a weight that reaches 0 stays there until its gradient moves it.
+    Weights whose score is at least ``exempt_above`` (one value, or one per tensor) are left alone: the step of the
+    trimmed norm, which does not count the largest weights.
 
     Example:
         >>> import torch
@@ -147,7 +167,12 @@ def budget_step(params: list[MaskedParameter], rates: Tensor) -> None:
         >>> bool(theta.abs().sum() < before)
         True
     """
-    for p, rate in zip(params, rates):
+    limits = exempt_above.expand(len(params)) if exempt_above is not None else [None] * len(params)
+    for p, rate, limit in zip(params, rates, limits):
         theta = p.latent
-        magnitude = theta.abs().sub_(rate * p.mask.scale).clamp_min_(0)
+        magnitude = theta.abs()
+        step = rate * p.mask.scale
+        if limit is not None:
+            step = torch.where(magnitude < limit * p.mask.scale, step, 0.0)
+        magnitude = magnitude.sub_(step).clamp_min_(0)
         torch.copysign(magnitude, theta, out=theta)

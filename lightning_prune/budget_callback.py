@@ -72,6 +72,8 @@ class BudgetCallback(Callback):
         response_steps: time constant of the budget loop, in optimizer steps; default a 16th of the target's ramp,
             between 2 and 10 steps.
         max_step: largest budget step per optimizer step, in units of each tensor's scale.
+        exempt_share: share of the budget, the weights with the largest scores, that the budget step leaves alone
+            (the step of a trimmed L1 norm): the weights the network keeps anyway are not shrunk.
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
         finalize_on_fit_end: harden the masks when fit ends.
         recalibrate_batchnorm: after the cut, re-estimate BatchNorm statistics (when the model has BatchNorm).
@@ -101,6 +103,7 @@ class BudgetCallback(Callback):
         embeddings: bool = False,
         response_steps: float | None = None,
         max_step: float = 1.0,
+        exempt_share: float = 0.5,
         total_steps: int | None = None,
         finalize_on_fit_end: bool = True,
         recalibrate_batchnorm: bool = True,
@@ -128,6 +131,7 @@ class BudgetCallback(Callback):
         _check(0 <= min_layer_keep <= 1, f"min_layer_keep is a share in [0, 1], got {min_layer_keep}.")
         _check(total_steps is None or total_steps > 0, f"total_steps must be > 0, got {total_steps}.")
         _check(response_steps is None or response_steps >= 1, f"response_steps must be >= 1, got {response_steps}.")
+        _check(0 <= exempt_share < 1, f"exempt_share is a share of the budget in [0, 1), got {exempt_share}.")
         _check(recalibration_batches >= 1, f"recalibration_batches must be >= 1, got {recalibration_batches}.")
         for arg, value in (("include", include), ("exclude", exclude)):
             _check(not isinstance(value, str), f"`{arg}` takes a list of patterns: write [{value!r}].")
@@ -145,6 +149,7 @@ class BudgetCallback(Callback):
         self.embeddings = bool(embeddings)
         self.response_steps = response_steps
         self.controller = BudgetController(response_steps or 10.0, max_step)
+        self.exempt_share = float(exempt_share)
         self.total_steps = total_steps
         self.finalize_on_fit_end = finalize_on_fit_end
         self.recalibrate_batchnorm = recalibrate_batchnorm
@@ -234,13 +239,15 @@ class BudgetCallback(Callback):
         trains_latents = any(id(p) in self._latent_ids for g in optimizer.param_groups for p in g["params"])
         if self.finalized or not trains_latents:
             return
-        gap, shares = margin_gap(self._params, self.target_keep, self.mode, trainer.global_step, self.threshold,
-                                 self._floors if self.mode == "global" else None)
+        gap, shares, exempt_above = margin_gap(
+            self._params, self.target_keep, self.mode, trainer.global_step, self.threshold,
+            self._floors if self.mode == "global" else None, exempt=self.exempt_share * self.keep,
+        )
         self._lambda = self.controller.update(gap)
         rates = self._lambda * self._relative_scale if self.mode == "global" else self._lambda
         # a tensor at its floor feels no budget pressure
         rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
-        budget_step(self._params, rates)
+        budget_step(self._params, rates, exempt_above)
         if self.mode == "global" and trainer.global_step % FLOOR_CHECK_EVERY == 0:
             self._update_floor_thresholds(shares)
 

@@ -119,3 +119,16 @@ def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
         kept *= 1.0 - step
         assert 1.0 - kept == pytest.approx(accuracy.cumulative_sparsity(epoch, sparsity, epochs), abs=1e-12)
     assert 1.0 - kept == pytest.approx(sparsity, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- budget_tracking.py
+def test_budget_tracking_measures_the_share_before_the_cut_and_the_cut(tmp_path):
+    tracking = _load("budget_tracking")
+    rows = tracking.main(["--workloads", "demo_transformer", "--threads", "1", "--json", str(tmp_path / "t.json")])
+    (row,) = rows
+    assert row.workload == "demo_transformer" and row.steps == 240 and row.metric == "val_loss"
+    assert row.budget_share == pytest.approx(0.1, abs=1e-4)
+    assert row.relative_gap == pytest.approx(row.hard_share_before_cut / row.budget_share - 1)
+    assert row.passed == (abs(row.relative_gap) <= 0.1 and row.cut_effect <= 0.05)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["rows"][0]["hard_share_before_cut"] == row.hard_share_before_cut

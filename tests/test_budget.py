@@ -37,7 +37,7 @@ def _score_quantile(params, keep):
 @pytest.mark.parametrize("keep", [0.5, 0.1, 0.02])
 def test_margin_gap_estimates_the_score_at_the_budget_minus_the_threshold(keep):
     params = masked_parameters(_model())
-    gap, shares = margin_gap(params, keep, "global", seed=3)
+    gap, shares, _ = margin_gap(params, keep, "global", seed=3)
     exact = _score_quantile(params, keep) - 1.0
     assert gap.shape == (1,)
     assert float(gap) == pytest.approx(float(exact), abs=0.05)
@@ -48,7 +48,7 @@ def test_margin_gap_estimates_the_score_at_the_budget_minus_the_threshold(keep):
 
 def test_margin_gap_in_layer_mode_is_per_tensor_and_the_same_for_the_same_seed():
     params = masked_parameters(_model())
-    gap, _ = margin_gap(params, 0.1, "layer", seed=1)
+    gap, _, _ = margin_gap(params, 0.1, "layer", seed=1)
     assert gap.shape == (2,)
     for g, p in zip(gap.tolist(), params):
         assert g == pytest.approx(float(_score_quantile([p], 0.1)) - 1.0, abs=0.05)
@@ -118,9 +118,25 @@ def test_margin_gap_takes_the_floor_weights_under_the_threshold_out_of_the_targe
     with torch.no_grad():
         params[1].latent.mul_(0.01)  # the small tensor: nothing above c, so its floor is kept under c by the cut
     floor = 1000
-    plain, _ = margin_gap(params, 0.1, "global", seed=0, threshold=1.0)
-    with_floor, _ = margin_gap(params, 0.1, "global", seed=0, threshold=1.0, floors=[0, floor])
+    plain = margin_gap(params, 0.1, "global", seed=0, threshold=1.0).gap
+    with_floor = margin_gap(params, 0.1, "global", seed=0, threshold=1.0, floors=[0, floor]).gap
     total = sum(p.numel for p in params)
     exact = _score_quantile([params[0]], (0.1 * total - floor) / params[0].numel) - 1.0
     assert float(with_floor) == pytest.approx(float(exact), abs=0.05)
     assert float(with_floor) > float(plain)  # fewer weights may stay above c
+
+
+def test_the_trimmed_budget_step_leaves_the_largest_weights_alone():
+    params = masked_parameters(_model())
+    sample = margin_gap(params, 0.1, "global", seed=0, threshold=1.0, exempt=0.05)
+    exact = _score_quantile(params, 0.05)
+    assert float(sample.exempt_above) == pytest.approx(float(exact), rel=0.05)
+    before = [p.latent.detach().clone() for p in params]
+    budget_step(params, torch.full((2,), 0.2), sample.exempt_above)
+    for p, old in zip(params, before):
+        exempt = p.mask.score(old) >= sample.exempt_above
+        assert exempt.any() and (~exempt).any()
+        assert torch.equal(p.latent[exempt], old[exempt])  # the largest: untouched
+        shrunk = (old.abs() - 0.2 * p.mask.scale).clamp_min(0)
+        torch.testing.assert_close(p.latent.abs()[~exempt], shrunk[~exempt])
+    assert float(margin_gap(params, 0.1, "global", seed=0).exempt_above) == float("inf")  # none by default
