@@ -31,9 +31,9 @@ Usage::
         --csv benchmarks/results/accuracy_at_budget_digits.csv --json benchmarks/results/accuracy_at_budget_digits.json
 
     # benchmarks/results/accuracy_at_budget_cifar10.*: real CIFAR-10 images, 5,000-image training subset (500 of which
-    # validate) and 1,000 test images, the paper config's SGD recipe, 10 epochs, one seed:
+    # validate) and 1,000 test images, the paper config's SGD recipe, 6 epochs, one seed:
     ../shared/tools/cifar10-from-jpeg data/cifar10-small --train-per-class 500 --test-per-class 100
-    python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 --epochs 10 --sparsities 0.9 0.95 0.98 0.99 \
+    python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 --epochs 6 --sparsities 0.9 0.95 0.98 0.99 \
         --methods dense oneshot lightning_prune modelpruning --cifar10-dir data/cifar10-small --val-size 500 \
         --num-workers 1 --batch-size 128 --recipe sgd-cosine --lr 0.01 \
         --csv benchmarks/results/accuracy_at_budget_cifar10.csv --json benchmarks/results/accuracy_at_budget_cifar10.json

@@ -171,8 +171,9 @@ def budget_step(params: list[MaskedParameter], rates: Tensor, exempt_above: Tens
     for p, rate, limit in zip(params, rates, limits):
         theta = p.latent
         magnitude = theta.abs()
-        step = rate * p.mask.scale
-        if limit is not None:
-            step = torch.where(magnitude < limit * p.mask.scale, step, 0.0)
-        magnitude = magnitude.sub_(step).clamp_min_(0)
-        torch.copysign(magnitude, theta, out=theta)
+        exempt = magnitude >= limit * p.mask.scale if limit is not None else None
+        stepped = magnitude.sub_(rate * p.mask.scale).clamp_min_(0).copysign_(theta)
+        if exempt is None:
+            theta.copy_(stepped)
+        else:
+            torch.where(exempt, theta, stepped, out=theta)

@@ -345,7 +345,7 @@ class BudgetCallback(Callback):
         self.target_keep = target_keep_at(p, self.keep, self.target_schedule, self.target_start, self.target_end)
         self.temperature = temperature_at(p, self.temperature_start, self.temperature_end, self.target_end)
         for param in self._params:
-            param.mask.temperature.fill_(self.temperature)
+            param.mask.set_temperature(self.temperature)
 
     def _shares(self) -> tuple[float, float, dict[str, tuple[int, int]]]:
         """Soft and hard kept shares over the covered tensors, and the hard counts per tensor."""

@@ -17,7 +17,12 @@ def wide(theta: Tensor) -> Tensor:
 
 def gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
     """``h_T(θ) = σ((|θ|/s − c)/T)`` elementwise, in float32 or wider; ``T = 0`` gives the step ``1{|θ|/s > c}``."""
-    return torch.sigmoid((wide(theta).abs() / scale - threshold) / temperature.clamp_min(1e-12))
+    return _gate_of_score(wide(theta).abs().div_(scale), threshold, temperature)
+
+
+def _gate_of_score(score: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
+    """``σ((score − c)/T)``, computed in place in ``score`` (one weight-sized buffer for the whole gate)."""
+    return score.sub_(threshold).div_(temperature.clamp_min(1e-12)).sigmoid_()
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -28,17 +33,24 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor):
+    def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor,
+                step: bool = False):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        return (theta * gate(theta, scale, threshold, temperature)).to(theta.dtype)
+        ctx.step = step
+        if step:  # T = 0, known on the host: the step gate without the sigmoid's passes
+            return torch.where(wide(theta).abs().div_(scale) > threshold, theta, theta.new_zeros(()))
+        return gate(theta, scale, threshold, temperature).mul_(theta).to(theta.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         slope_t = torch.maximum(temperature, grad_temperature)
-        h_b = gate(theta, scale, threshold, slope_t)
-        local = gate(theta, scale, threshold, temperature) + wide(theta).abs() / (scale * slope_t) * h_b * (1 - h_b)
-        return (grad_out * local).to(theta.dtype), None, None, None, None
+        # in place on three weight-sized buffers: score, h_b and h
+        score = wide(theta).abs().div_(scale)
+        h_b = _gate_of_score(score.clone(), threshold, slope_t)
+        h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
+        local = h_b.addcmul_(h_b, h_b, value=-1).mul_(score).div_(slope_t).add_(h)  # h + (|θ|/(s·T_b))·h_b(1 − h_b)
+        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None
 
 
 class MagnitudeMask(nn.Module):
@@ -88,6 +100,7 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("grad_temperature", torch.tensor(float(grad_temperature)))
         self.register_buffer("hard", torch.tensor(False))
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
@@ -97,7 +110,13 @@ class MagnitudeMask(nn.Module):
         return self._masked(theta) if self.hard else self._soft(theta)
 
     def _soft(self, theta: Tensor) -> Tensor:
-        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature)
+        step = self.step_gate and not is_compiling()
+        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step)
+
+    def set_temperature(self, temperature: float) -> None:
+        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0."""
+        self.temperature.fill_(temperature)
+        self.step_gate = temperature == 0
 
     def _masked(self, theta: Tensor) -> Tensor:
         # a select: autograd keeps the boolean mask (a buffer) for the backward, not a float copy of it

@@ -36,7 +36,9 @@ def check_latents_finite(trainer: pl.Trainer, params: list[MaskedParameter], con
     if not params:
         return
     with torch.no_grad():
-        flags = torch.stack([torch.isfinite(p.latent).all() for p in params])
+        # one reduction pass per tensor, no weight-sized buffer: a NaN or Inf anywhere makes the sum non-finite (finite
+        # weights cannot overflow a float sum)
+        flags = torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params]))
     flags = gather_ranks(trainer, flags).reshape(-1, len(params)).bool().cpu()  # (ranks, tensors)
     if bool(flags.all()):
         return

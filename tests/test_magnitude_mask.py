@@ -92,3 +92,22 @@ def test_bfloat16_weight_gate_computed_in_float32():
 def test_bad_arguments(bad, message):
     with pytest.raises(ValueError, match=message):
         MagnitudeMask((2, 2), **bad)
+
+
+def test_the_step_gate_path_computes_what_the_sigmoid_at_t_0_computes():
+    """set_temperature(0) takes a cheaper path (no sigmoid in the forward pass): same weights, same gradient."""
+    layer, mask = _masked_linear(temperature=0.0)
+    theta = layer.parametrizations.weight.original
+    x = torch.randn(8, 64)
+    assert not mask.step_gate
+    layer(x).square().sum().backward()
+    w_sigmoid, g_sigmoid = layer.weight.detach().clone(), theta.grad.clone()
+    theta.grad = None
+    mask.set_temperature(0.0)
+    assert mask.step_gate and float(mask.temperature) == 0.0
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.weight.detach(), w_sigmoid, rtol=0, atol=0)
+    torch.testing.assert_close(theta.grad, g_sigmoid)
+    assert int((layer.weight == 0).sum()) == int((mask.score(theta) <= 1.0).sum()) > 0
+    mask.set_temperature(0.3)
+    assert not mask.step_gate
