@@ -36,4 +36,4 @@ def test_quickstart_at_98_percent_reaches_the_budget_and_keeps_learning(tmp_path
     assert budget.report["kept"] == round(0.02 * budget.report["total"])
     assert abs(budget.report["kept_hard_before"] / 0.02 - 1) < 0.05
     assert budget.report["val_after_cut"]["val/acc"] >= budget.report["val_before_cut"]["val/acc"] - 0.01
-    assert acc > 0.95
+    assert acc > 0.90  # the digits benchmark: 93.0 ± 2.9% at 98% over 3 seeds (docs/benchmarks.md)
