@@ -1,9 +1,10 @@
 """The budget's arithmetic: how many weights are kept, how far the network is from the target, and the budget step.
 
-The budget term is ``λ·Σ|θ|/s`` (the kept count relaxed to the magnitudes, in units of each tensor's scale ``s``),
-applied as its proximal step after each optimizer step's gradients, ``|θ| ← max(|θ| − λ·s, 0)``: decoupled from the
-optimizer, so that a given λ moves the weights by the same amount under SGD, Adam or any learning rate. λ itself is
-set by :class:`~lightning_prune.budget_controller.BudgetController` from :func:`margin_gap`.
+The budget term is a trimmed L1 norm ``λ·Σ'|θ|/s`` (the kept count relaxed to the magnitudes, leaving out the
+largest weights, which the network keeps anyway), applied as its proximal step once each optimizer step's gradients
+are final, ``|θ| ← max(|θ| − λ·s, 0)`` (:func:`budget_step`): decoupled from the optimizer, so that a given λ moves
+the weights by the same amount under SGD, Adam or any learning rate. λ itself is set by
+:class:`~lightning_prune.budget_controller.BudgetController` from :func:`margin_gap`.
 """
 
 from __future__ import annotations
