@@ -88,6 +88,28 @@ def floor_threshold(param: MaskedParameter, floor: int, threshold: float) -> Ten
 
 
 @torch.no_grad()
+def update_floor_thresholds(
+    params: list[MaskedParameter], shares: Tensor, floors: list[int], min_layer_keep: float, threshold: float
+) -> None:
+    """A tensor whose share in use is under twice its floor computes with its floor's largest weights in use (its
+    threshold lowered under ``c`` by :func:`floor_threshold`), the weights the cut's floor will keep; the others use
+    ``c``. One host read of ``shares`` per call."""
+    for p, near, floor in zip(params, (shares < 2 * min_layer_keep).tolist(), floors):
+        if near and floor:
+            p.mask.threshold.copy_(floor_threshold(p, floor, threshold))
+        else:
+            p.mask.threshold.fill_(threshold)
+
+
+def common_unit(params: list[MaskedParameter]) -> Tensor:
+    """``s̄/s_i`` per tensor, ``s̄`` the size-weighted mean scale: in global mode every weight loses the same magnitude
+    ``λ·s̄`` (the proximal step of ``λ·Σ|θ|/s̄``), which is ``λ·s̄/s_i`` in units of tensor ``i``'s own scale."""
+    scales = torch.stack([p.mask.scale.float() for p in params])
+    sizes = torch.tensor([float(p.numel) for p in params], device=scales.device)
+    return (scales * sizes).sum() / sizes.sum() / scales
+
+
+@torch.no_grad()
 def margin_gap(
     params: list[MaskedParameter],
     keep: float,

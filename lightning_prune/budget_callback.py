@@ -18,11 +18,12 @@ from lightning_prune.budget import (
     budget_count,
     budget_step,
     check_sparsity,
-    floor_threshold,
+    common_unit,
     hard_kept_counts,
     layer_floor,
     margin_gap,
     soft_kept_counts,
+    update_floor_thresholds,
 )
 from lightning_prune.budget_controller import BudgetController
 from lightning_prune.finalization import finalize
@@ -209,11 +210,7 @@ class BudgetCallback(Callback):
         self._latent_ids = {id(p.latent) for p in self._params}
         self._floors = [layer_floor(p.numel, self.min_layer_keep) for p in self._params]
         if self._params:
-            # global mode: every weight loses the same magnitude λ·s̄ (s̄ the size-weighted mean scale), the proximal
-            # step of λ·Σ|θ|/s̄; in units of each tensor's own scale that is λ·s̄/s_i
-            scales = torch.stack([p.mask.scale.float() for p in self._params])
-            sizes = torch.tensor([float(p.numel) for p in self._params], device=scales.device)
-            self._relative_scale = (scales * sizes).sum() / sizes.sum() / scales
+            self._relative_scale = common_unit(self._params)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach_state(pl_module)  # after a strategy wrapped the module: the same tensors
@@ -249,17 +246,7 @@ class BudgetCallback(Callback):
         rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
         budget_step(self._params, rates, exempt_above)
         if self.mode == "global" and trainer.global_step % FLOOR_CHECK_EVERY == 0:
-            self._update_floor_thresholds(shares)
-
-    @torch.no_grad()
-    def _update_floor_thresholds(self, shares: Tensor) -> None:
-        """A tensor near its floor computes with its floor's largest weights in use (its threshold lowered under
-        ``c``), the weights the cut will keep; the others use ``c``. One host read of the shares per call."""
-        for p, near, floor in zip(self._params, (shares < 2 * self.min_layer_keep).tolist(), self._floors):
-            if near and floor:
-                p.mask.threshold.copy_(floor_threshold(p, floor, self.threshold))
-            else:
-                p.mask.threshold.fill_(self.threshold)
+            update_floor_thresholds(self._params, shares, self._floors, self.min_layer_keep, self.threshold)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:
