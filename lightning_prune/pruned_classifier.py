@@ -16,8 +16,8 @@ from lightning_prune.reparametrize import reparametrize_like
 
 
 class PrunedClassifier(pl.LightningModule):
-    """Trains a backbone with cross-entropy; with :class:`~lightning_prune.BudgetCallback` the loss is
-    ``cross-entropy + λ·budget loss`` (the callback adds the budget term's gradient before each optimizer step).
+    """Trains a backbone with cross-entropy; :class:`~lightning_prune.BudgetCallback` prunes it while it trains (the
+    callback applies its budget step once each step's gradients are final, before the optimizer step).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (top-1, torchmetrics);
     the callback logs the ``prune/...`` scalars. A checkpoint of a pruned run loads back with ``strict=True``

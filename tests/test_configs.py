@@ -101,9 +101,11 @@ def test_config_builds_model_and_datamodule(name, tmp_path, monkeypatch):
     assert trainer.precision == "32-true"
 
 
-def test_sparsity_override_on_the_command_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["cifar10_resnet18", "quickstart", "quickstart_98"])
+def test_sparsity_override_on_the_command_line(name, tmp_path, monkeypatch):
+    """The README's override sets the last callback of a config's list: the BudgetCallback in every config."""
     monkeypatch.chdir(tmp_path)
-    args = ["--config", config("cifar10_resnet18"), "--trainer.callbacks.init_args.sparsity", "0.95"]
+    args = ["--config", config(name), "--trainer.callbacks.init_args.sparsity", "0.95"]
     trainer = PruneCLI(args=args, run=False).trainer
     assert [cb.sparsity for cb in trainer.callbacks if isinstance(cb, BudgetCallback)] == [0.95]
 
