@@ -2,8 +2,11 @@
 
 The budget term is a trimmed L1 norm ``λ·Σ'|θ|/s`` (the kept count relaxed to the magnitudes, leaving out the
 largest weights, which the network keeps anyway), applied as its proximal step once each optimizer step's gradients
-are final, ``|θ| ← max(|θ| − λ·s, 0)`` (:func:`budget_step`): decoupled from the optimizer, so that a given λ moves
-the weights by the same amount under SGD, Adam or any learning rate. λ itself is set by
+are final, ``|θ| ← max(|θ| − λ·s, 0)`` (:func:`budget_step`): decoupled from the optimizer's learning rate, so that
+a given λ moves the weights at the margin by the same amount under SGD, Adam or any learning rate. Under an optimizer
+that scales each weight's step (Adam's ``1/√v``), the step is taken in that metric (:func:`optimizer_metric`): each
+weight shrinks in proportion to the step the optimizer gives it, so the budget competes with the task's gradient as
+an L1 term in the loss would, and the weights the loss needs least go first. λ itself is set by
 :class:`~lightning_prune.budget_controller.BudgetController` from :func:`margin_gap`.
 """
 
@@ -25,6 +28,13 @@ BudgetMode = Literal["global", "layer"]
 #: :data:`MIN_SAMPLES_PER_TENSOR`, or all of its weights).
 MARGIN_SAMPLES = 1 << 14
 MIN_SAMPLES_PER_TENSOR = 256
+#: Optimizer-state entries holding a running mean of each weight's squared gradient: Adam, AdamW, NAdam, RAdam
+#: (``exp_avg_sq``), RMSprop (``square_avg``), Adagrad (``sum``).
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "square_avg", "sum")
+#: Weights whose score is within this factor of the threshold set the metric's reference (:func:`optimizer_metric`).
+MARGIN_BAND = 1.5
+#: Smallest metric reference; a weight's step in the metric is at most 10⁶ times the step at the reference.
+REFERENCE_FLOOR = 1e-30
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -134,11 +144,10 @@ def margin_gap(
     generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
     scores, weights, shares = [], [], []
     for p in params:
-        n = min(p.numel, max(MIN_SAMPLES_PER_TENSOR, math.ceil(MARGIN_SAMPLES * p.numel / total)))
+        index = _sample_index(p.numel, total, generator)
         flat = p.latent.detach().reshape(-1)
-        if n < p.numel:
-            flat = flat[torch.randint(p.numel, (n,), device=flat.device, generator=generator)]
-        score = p.mask.score(flat)
+        n = p.numel if index is None else index.numel()
+        score = p.mask.score(flat if index is None else flat[index])
         scores.append(score)
         weights.append(torch.full((n,), p.numel / n, device=score.device, dtype=score.dtype))
         shares.append((score > p.mask.threshold).float().mean())
@@ -159,6 +168,79 @@ def margin_gap(
     return MarginSample((margin - c).reshape(1), torch.stack(shares), exempt_above)
 
 
+def _sample_index(numel: int, total: int, generator: torch.Generator) -> Tensor | None:
+    """Indices of a tensor's weights in the margin sample (its share of :data:`MARGIN_SAMPLES`, at least
+    :data:`MIN_SAMPLES_PER_TENSOR`); ``None``: all of them."""
+    n = min(numel, max(MIN_SAMPLES_PER_TENSOR, math.ceil(MARGIN_SAMPLES * numel / total)))
+    return None if n == numel else torch.randint(numel, (n,), device=generator.device, generator=generator)
+
+
+class StepMetric(NamedTuple):
+    """The optimizer's per-weight step sizes, for :func:`budget_step`: weight ``j`` shrinks by
+    ``λ·s·reference/√v_j``."""
+
+    second_moments: list[Tensor | None]  #: ``v`` of each tensor (the optimizer's state, read only); None: uniform
+    reference: Tensor  #: the median ``√v`` of the weights near the threshold, where the loop acts
+
+
+@torch.no_grad()
+def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optimizer, seed: int = 0) -> StepMetric | None:
+    """The metric of the optimizer's steps, read from its running means of squared gradients ``v``
+    (:data:`SECOND_MOMENT_KEYS`), or ``None`` when it keeps none for these tensors (SGD, with or without momentum,
+    steps every weight alike: the uniform budget step already is its metric; so is a step before the first, when the
+    state is empty).
+
+    Adam moves weight ``j`` by about ``lr·g_j/√v_j``; a budget step of ``λ·s/√v_j`` then balances the task's pull
+    where the mean gradient is about λ, as an L1 term in the loss would under Adam, instead of where the gradient's
+    signal-to-noise ratio is. The step is normalised by the median ``√v`` of the sampled weights whose score is within
+    :data:`MARGIN_BAND` of their threshold (of all sampled weights when none is), so the weights at the margin still
+    move by about λ score units per unit of λ and the loop's gains hold. The sample is :func:`margin_gap`'s (drawn from
+    ``seed``), so every rank computes the same reference.
+
+    Example:
+        >>> import torch
+        >>> from lightning_prune import masked_parameters, reparametrize
+        >>> model = torch.nn.Sequential(torch.nn.Linear(100, 100))
+        >>> _ = reparametrize(model)
+        >>> optimizer = torch.optim.Adam(model.parameters())
+        >>> optimizer_metric(masked_parameters(model), optimizer) is None  # no step taken yet
+        True
+        >>> model(torch.randn(8, 100)).sum().backward()
+        >>> optimizer.step()
+        >>> metric = optimizer_metric(masked_parameters(model), optimizer)
+        >>> metric.second_moments[0].shape, bool(metric.reference > 0)
+        (torch.Size([100, 100]), True)
+    """
+    moments = [_second_moment(optimizer.state.get(p.latent, {}), p.latent) for p in params]
+    if all(v is None for v in moments):
+        return None
+    total = sum(p.numel for p in params)
+    generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
+    roots, near = [], []
+    for p, v in zip(params, moments):
+        index = _sample_index(p.numel, total, generator)  # drawn for every tensor: the same sample as margin_gap's
+        if v is None:
+            continue
+        theta, v = p.latent.detach().reshape(-1), v.reshape(-1)
+        if index is not None:
+            theta, v = theta[index], v[index]
+        score = p.mask.score(theta)
+        roots.append(v.float().sqrt())
+        near.append((score > p.mask.threshold / MARGIN_BAND) & (score < p.mask.threshold * MARGIN_BAND))
+    roots, near = torch.cat(roots), torch.cat(near)
+    reference = torch.where(near, roots, torch.nan).nanmedian()  # NaN when no weight is near: no host read
+    reference = torch.where(torch.isnan(reference), roots.median(), reference)
+    return StepMetric(moments, reference.clamp_min(REFERENCE_FLOOR))
+
+
+def _second_moment(state: dict, theta: Tensor) -> Tensor | None:
+    for key in SECOND_MOMENT_KEYS:
+        v = state.get(key)
+        if isinstance(v, Tensor) and v.shape == theta.shape and v.device == theta.device:
+            return v
+    return None
+
+
 def _exempt_score(scores: Tensor, weights: Tensor, mass: float) -> Tensor:
     return _top_quantile(scores, weights, mass) if mass >= 1 else torch.full((), math.inf, device=scores.device)
 
@@ -173,11 +255,15 @@ def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tens
 
 
 @torch.no_grad()
-def budget_step(params: list[MaskedParameter], rates: Tensor, exempt_above: Tensor | None = None) -> None:
+def budget_step(
+    params: list[MaskedParameter], rates: Tensor, exempt_above: Tensor | None = None, metric: StepMetric | None = None
+) -> None:
     """The proximal step of ``λ·Σ|θ|/s``: ``|θ| ← max(|θ| − λ_i·s_i, 0)`` for tensor ``i`` (``rates``: one λ per tensor,
     on θ's device). The sign of each weight is kept; a weight that reaches 0 stays there until its gradient moves it.
     Weights whose score is at least ``exempt_above`` (one value, or one per tensor) are left alone: the step of the
-    trimmed norm, which does not count the largest weights.
+    trimmed norm, which does not count the largest weights. With a ``metric`` (:func:`optimizer_metric`) a shrinking
+    step (λ > 0) is taken in the optimizer's metric, ``λ_i·s_i·reference/√v_j`` for weight ``j``; a growing one
+    (λ < 0) stays uniform.
 
     Example:
         >>> import torch
@@ -191,11 +277,18 @@ def budget_step(params: list[MaskedParameter], rates: Tensor, exempt_above: Tens
         True
     """
     limits = exempt_above.expand(len(params)) if exempt_above is not None else [None] * len(params)
-    for p, rate, limit in zip(params, rates, limits):
+    moments = metric.second_moments if metric is not None else [None] * len(params)
+    for p, rate, limit, v in zip(params, rates, limits, moments):
         theta = p.latent
         magnitude = theta.abs()
         exempt = magnitude >= limit * p.mask.scale if limit is not None else None
-        stepped = magnitude.sub_(rate * p.mask.scale).clamp_min_(0).copysign_(theta)
+        if v is None:
+            magnitude.sub_(rate * p.mask.scale)
+        else:  # no host read of λ's sign: the shrink in the metric plus the growth, one of them zero
+            reference = metric.reference
+            shrink = v.sqrt().clamp_min_(reference * 1e-6).reciprocal_().mul_(rate.clamp_min(0) * p.mask.scale * reference)
+            magnitude.sub_(shrink).sub_(rate.clamp_max(0) * p.mask.scale)
+        stepped = magnitude.clamp_min_(0).copysign_(theta)
         if exempt is None:
             theta.copy_(stepped)
         else:

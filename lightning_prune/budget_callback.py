@@ -22,6 +22,7 @@ from lightning_prune.budget import (
     hard_kept_counts,
     layer_floor,
     margin_gap,
+    optimizer_metric,
     soft_kept_counts,
     update_floor_thresholds,
 )
@@ -75,6 +76,9 @@ class BudgetCallback(Callback):
         max_step: largest budget step per optimizer step, in units of each tensor's scale.
         exempt_share: share of the budget, the weights with the largest scores, that the budget step leaves alone
             (the step of a trimmed L1 norm): the weights the network keeps anyway are not shrunk.
+        precondition: under an optimizer that keeps running means of squared gradients (Adam, AdamW, RMSprop, ...),
+            shrink each weight in proportion to the step the optimizer gives it (``1/√v``), so that the weights the
+            loss needs least go first; with SGD the step is uniform either way.
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
         finalize_on_fit_end: harden the masks when fit ends.
         recalibrate_batchnorm: after the cut, re-estimate BatchNorm statistics (when the model has BatchNorm).
@@ -92,7 +96,7 @@ class BudgetCallback(Callback):
         sparsity: float = 0.9,
         target_schedule: TargetSchedule = "cubic",
         target_start: float = 0.0,
-        target_end: float = 0.4,
+        target_end: float = 0.6,
         temperature_start: float = 0.5,
         temperature_end: float = 0.02,
         grad_temperature: float = 0.1,
@@ -105,6 +109,7 @@ class BudgetCallback(Callback):
         response_steps: float | None = None,
         max_step: float = 1.0,
         exempt_share: float = 0.5,
+        precondition: bool = True,
         total_steps: int | None = None,
         finalize_on_fit_end: bool = True,
         recalibrate_batchnorm: bool = True,
@@ -151,6 +156,7 @@ class BudgetCallback(Callback):
         self.response_steps = response_steps
         self.controller = BudgetController(response_steps or 10.0, max_step)
         self.exempt_share = float(exempt_share)
+        self.precondition = bool(precondition)
         self.total_steps = total_steps
         self.finalize_on_fit_end = finalize_on_fit_end
         self.recalibrate_batchnorm = recalibrate_batchnorm
@@ -244,7 +250,8 @@ class BudgetCallback(Callback):
         rates = self._lambda * self._relative_scale if self.mode == "global" else self._lambda
         # a tensor at its floor feels no budget pressure
         rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
-        budget_step(self._params, rates, exempt_above)
+        metric = optimizer_metric(self._params, optimizer, trainer.global_step) if self.precondition else None
+        budget_step(self._params, rates, exempt_above, metric)
         if self.mode == "global" and trainer.global_step % FLOOR_CHECK_EVERY == 0:
             update_floor_thresholds(self._params, shares, self._floors, self.min_layer_keep, self.threshold)
 

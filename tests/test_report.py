@@ -57,6 +57,9 @@ def run(tmp_path_factory):
                     "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
                     "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
                     "--trainer.enable_model_summary", "false",
+                    # every epoch's checkpoint: epoch 0's is from before the cut, whichever epoch is best
+                    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                    "--trainer.callbacks.filename=every-{epoch}", "--trainer.callbacks.save_top_k=-1",
                 ],
                 save_config_kwargs={"overwrite": True},
             )  # fmt: skip
@@ -65,7 +68,7 @@ def run(tmp_path_factory):
             cli.trainer.save_checkpoint(log_dir / "checkpoints" / "final.ckpt")
     finally:
         torch.set_num_threads(threads)
-    soft = next(p for p in (log_dir / "checkpoints").glob("epoch=0-*.ckpt"))
+    soft = log_dir / "checkpoints" / "every-epoch=0.ckpt"
     return log_dir, soft
 
 
