@@ -3,7 +3,8 @@
 Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end``, so it holds the forward and backward
 passes, the optimizer step and every callback hook in between (not the data loading, nor epoch-end hooks). Variants:
 
-* ``dense``: a plain LightningModule (backbone, cross-entropy, SGD lr 0.01 momentum 0.9), no pruning callback.
+* ``dense``: a plain LightningModule (backbone, cross-entropy, SGD lr 0.01 momentum 0.9, or with ``--optimizer adam``
+  Adam lr 1e-3, where the budget step is taken in Adam's metric), no pruning callback.
 * ``budget``: the same plus ``BudgetCallback(sparsity=0.9)``.
 * ``modelpruning``: the same plus ``ModelPruning("l1_unstructured", use_global_unstructured=True)`` on the Conv/Linear
   weights (the ones BudgetCallback prunes), pruning at each epoch end with a schedule that reaches 90% at the last.
@@ -20,6 +21,8 @@ in the state the callbacks give it during training; storages deduplicated by ``d
 Run (from the repository root; writes benchmarks/results/fit_step_cost_<accelerator>.csv and .json):
 
     python benchmarks/fit_step_cost.py --models conv4 vgg19 resnet18 --rounds 5 --steps 30 --warmup 5 --threads 2
+    python benchmarks/fit_step_cost.py --models conv4 vgg19 resnet18 --rounds 3 --steps 20 --warmup 5 --threads 2 \
+        --optimizer adam  # writes fit_step_cost_cpu_adam.*
     python benchmarks/fit_step_cost.py --accelerator gpu --rounds 5 --steps 50 --warmup 10
 """
 
@@ -61,17 +64,20 @@ NOISE = ".*(num_workers|does not have many|logging interval|LeafSpec|BudgetCallb
 
 
 class Classifier(pl.LightningModule):
-    """The smallest LightningModule that trains a backbone: cross-entropy and SGD, nothing about pruning."""
+    """The smallest LightningModule that trains a backbone: cross-entropy and SGD (or Adam), nothing about pruning."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, optimizer: str = "sgd") -> None:
         super().__init__()
         self.backbone = backbone
+        self.optimizer = optimizer
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.backbone(x), y)
 
     def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
@@ -151,7 +157,7 @@ def run_fit(model_name: str, variant: str, args: argparse.Namespace) -> StepTime
     total = args.warmup + args.steps + 1
     epochs = math.ceil(total / args.warmup)
     torch.manual_seed(SEED)
-    model = Classifier(BACKBONES[model_name]())
+    model = Classifier(BACKBONES[model_name](), args.optimizer)
     images = torch.randn(args.warmup * args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.warmup * args.batch_size,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, num_workers=0)
@@ -181,6 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def write_results(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"fit_step_cost_{args.accelerator}")
+    suffix = "" if args.optimizer == "sgd" else f"_{args.optimizer}"
+    stem = os.path.join(args.out, f"fit_step_cost_{args.accelerator}{suffix}")
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "round_ms"], extrasaction="ignore")
         writer.writeheader()

@@ -3,7 +3,7 @@
 Implements "Weight Reparametrization for Budget-Aware Network Pruning" (Dupont, Sahbi, Michel, ICIP 2021).
 """
 
-from lightning_prune.budget import budget_count, budget_step, hard_kept_counts, margin_gap
+from lightning_prune.budget import budget_count, budget_step, hard_kept_counts, margin_gap, optimizer_metric
 from lightning_prune.budget_callback import BudgetCallback
 from lightning_prune.budget_controller import BudgetController
 from lightning_prune.export import load_pruned, make_permanent, save_pruned
@@ -43,6 +43,7 @@ __all__ = [
     "make_permanent",
     "margin_gap",
     "masked_parameters",
+    "optimizer_metric",
     "prunable_parameters",
     "reparametrize",
     "reparametrize_like",

@@ -193,7 +193,8 @@ def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optim
     Adam moves weight ``j`` by about ``lr·g_j/√v_j``; a budget step of ``λ·s/√v_j`` then balances the task's pull
     where the mean gradient is about λ, as an L1 term in the loss would under Adam, instead of where the gradient's
     signal-to-noise ratio is. The step is normalised by the median ``√v`` of the sampled weights whose score is within
-    :data:`MARGIN_BAND` of their threshold (of all sampled weights when none is), so the weights at the margin still
+    :data:`MARGIN_BAND` of their threshold (of all sampled weights when none is), leaving out the weights that never
+    had a gradient (``v = 0``: in a 3x3 convolution over a 1x1 map, the eight outer taps), so the weights at the margin still
     move by about λ score units per unit of λ and the loop's gains hold. The sample is :func:`margin_gap`'s (drawn from
     ``seed``), so every rank computes the same reference.
 
@@ -228,9 +229,10 @@ def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optim
         roots.append(v.float().sqrt())
         near.append((score > p.mask.threshold / MARGIN_BAND) & (score < p.mask.threshold * MARGIN_BAND))
     roots, near = torch.cat(roots), torch.cat(near)
-    reference = torch.where(near, roots, torch.nan).nanmedian()  # NaN when no weight is near: no host read
-    reference = torch.where(torch.isnan(reference), roots.median(), reference)
-    return StepMetric(moments, reference.clamp_min(REFERENCE_FLOOR))
+    moving = roots > 0  # weights that never had a gradient (v = 0) set no reference; the step takes them to 0
+    reference = torch.where(near & moving, roots, torch.nan).nanmedian()  # NaN when none: no host read
+    reference = torch.where(torch.isnan(reference), torch.where(moving, roots, torch.nan).nanmedian(), reference)
+    return StepMetric(moments, reference.nan_to_num(REFERENCE_FLOOR).clamp_min(REFERENCE_FLOOR))
 
 
 def _second_moment(state: dict, theta: Tensor) -> Tensor | None:
@@ -286,8 +288,9 @@ def budget_step(
             magnitude.sub_(rate * p.mask.scale)
         else:  # no host read of λ's sign: the shrink in the metric plus the growth, one of them zero
             reference = metric.reference
-            shrink = v.sqrt().clamp_min_(reference * 1e-6).reciprocal_().mul_(rate.clamp_min(0) * p.mask.scale * reference)
-            magnitude.sub_(shrink).sub_(rate.clamp_max(0) * p.mask.scale)
+            floor = (reference.square() * 1e-12).clamp_min(torch.finfo(v.dtype).tiny)  # √v ≥ 10⁻⁶·reference
+            magnitude.addcmul_(v.clamp_min(floor).rsqrt_(), rate.clamp_min(0) * p.mask.scale * reference, value=-1)
+            magnitude.sub_(rate.clamp_max(0) * p.mask.scale)
         stepped = magnitude.clamp_min_(0).copysign_(theta)
         if exempt is None:
             theta.copy_(stepped)

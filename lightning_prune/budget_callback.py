@@ -50,7 +50,8 @@ class BudgetCallback(Callback):
     ``temperature_start`` to ``temperature_end``; after ``target_end`` the gate is the step function, so the network
     trains on with the mask it will keep. Before each optimizer step a closed loop
     (:class:`~lightning_prune.budget_controller.BudgetController`) sizes the budget step from how far the weights are
-    from the target, whatever the optimizer and learning rate. When fit ends the masks become hard and keep exactly
+    from the target, whatever the optimizer and learning rate; under an Adam-like optimizer the step is taken in its
+    metric (:func:`~lightning_prune.budget.optimizer_metric`). When fit ends the masks become hard and keep exactly
     ``budget_count(N, sparsity)`` weights, BatchNorm statistics are re-estimated, and the module's own validation
     metrics before and after the cut go into :attr:`report`.
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import BudgetController, budget_count, budget_step, margin_gap, masked_parameters, reparametrize
+from lightning_prune import (
+    BudgetController,
+    budget_count,
+    budget_step,
+    margin_gap,
+    masked_parameters,
+    optimizer_metric,
+    reparametrize,
+)
 from lightning_prune.budget import hard_kept_counts
 
 
@@ -140,3 +148,75 @@ def test_the_trimmed_budget_step_leaves_the_largest_weights_alone():
         shrunk = (old.abs() - 0.2 * p.mask.scale).clamp_min(0)
         torch.testing.assert_close(p.latent.abs()[~exempt], shrunk[~exempt])
     assert float(margin_gap(params, 0.1, "global", seed=0).exempt_above) == float("inf")  # none by default
+
+
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 16))  # 5,120 weights: every one is in the margin sample
+    reparametrize(model)
+    return model
+
+
+def _adam_with_moments(params, seed=0):
+    """An Adam whose running means of squared gradients are set by hand (log-uniform over four decades)."""
+    optimizer = torch.optim.Adam([p.latent for p in params])
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        optimizer.state[p.latent]["exp_avg_sq"] = 10 ** (-4 * torch.rand(p.latent.shape, generator=generator))
+    return optimizer
+
+
+def test_optimizer_metric_is_none_for_sgd_and_before_adams_first_step():
+    model = _small_model()
+    params = masked_parameters(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(model.parameters())
+    assert optimizer_metric(params, adam) is None  # no state yet: the uniform step
+    for optimizer in (sgd, adam):
+        model(torch.randn(4, 64)).sum().backward()
+        optimizer.step()
+    assert optimizer_metric(params, sgd) is None  # momentum buffers are not a metric: SGD steps every weight alike
+    metric = optimizer_metric(params, adam)
+    assert all(v is adam.state[p.latent]["exp_avg_sq"] for v, p in zip(metric.second_moments, params))
+
+
+def test_optimizer_metric_reference_is_the_median_root_of_the_weights_near_the_threshold():
+    params = masked_parameters(_small_model())
+    optimizer = _adam_with_moments(params)
+    # most weights of the first tensor never had a gradient (a 3x3 convolution over a 1x1 map: eight taps of nine)
+    optimizer.state[params[0].latent]["exp_avg_sq"].view(-1)[:3000] = 0.0
+    scores = torch.cat([p.mask.score(p.latent).flatten() for p in params])
+    roots = torch.cat([optimizer.state[p.latent]["exp_avg_sq"].sqrt().flatten() for p in params])
+    near, moving = (scores > 1 / 1.5) & (scores < 1.5), roots > 0
+    assert 0 < int(near.sum()) < scores.numel()
+    assert float(roots[near].median()) == 0  # the zeros would set the reference without the rule
+    metric = optimizer_metric(params, optimizer)
+    assert float(metric.reference) == pytest.approx(float(roots[near & moving].median()))
+    assert float(metric.reference) != pytest.approx(float(roots[moving].median()), rel=0.02)  # not that of all
+    for p in params:  # no weight near the threshold: the median of all those that moved
+        p.mask.threshold.fill_(1e6)
+    assert float(optimizer_metric(params, optimizer).reference) == pytest.approx(float(roots[moving].median()))
+
+
+def test_budget_step_in_the_metric_shrinks_each_weight_in_proportion_to_its_optimizer_step():
+    params = masked_parameters(_small_model())
+    optimizer = _adam_with_moments(params)
+    first = optimizer.state[params[0].latent]["exp_avg_sq"]
+    first.view(-1)[:10] = 0.0  # weights that never had a gradient
+    metric = optimizer_metric(params, optimizer)
+    before = [p.latent.detach().clone() for p in params]
+    budget_step(params, torch.tensor([0.02, 0.0]), metric=metric)
+    v, old, new = first, before[0], params[0].latent.detach()
+    expected = (old.abs() - 0.02 * params[0].mask.scale * metric.reference / v.sqrt()).clamp_min(0)
+    torch.testing.assert_close(new.abs().view(-1)[10:], expected.view(-1)[10:])
+    assert (new.view(-1)[:10] == 0).all()  # no gradient at all: the step takes them to 0
+    torch.testing.assert_close(params[1].latent.detach(), before[1])  # λ = 0: unchanged, and finite where v = 0
+    # weights with four times the squared gradient lose half as much
+    big, small = v > 4 * v.median(), (v < v.median() / 4) & (v > 0)
+    lost = old.abs() - new.abs()
+    unclipped = new.abs() > 0
+    assert float(lost[big & unclipped].mean()) < float(lost[small & unclipped].mean()) / 2
+    # a growing step (λ < 0) is uniform
+    before = params[1].latent.detach().clone()
+    budget_step(params, torch.tensor([0.0, -0.1]), metric=metric)
+    torch.testing.assert_close(params[1].latent.detach().abs(), before.abs() + 0.1 * params[1].mask.scale)

@@ -11,6 +11,7 @@ from lightning_prune import (
     NonFiniteError,
     PrunedClassifier,
     budget_count,
+    budget_step,
     masked_parameters,
     reparametrize,
 )
@@ -193,3 +194,32 @@ def test_an_explicit_floor_is_used_as_given():
     assert callback.min_layer_keep == 0.01
     with pytest.raises(ValueError, match="lower min_layer_keep"):  # Conv4's 1% floors, rounded up, exceed 1%
         callback.setup(quiet_trainer(max_epochs=1), _conv4_classifier(), "fit")
+
+
+@pytest.mark.parametrize("make, precondition, metric", [
+    (lambda: PlainClassifier(lr=3e-3), True, True),
+    (lambda: PlainClassifier(lr=3e-3), False, False),
+    (lambda: _SGD(lr=1e-2), True, False),
+], ids=["adam", "adam-uniform", "sgd"])
+def test_the_budget_step_is_taken_in_adams_metric_and_uniform_under_sgd(monkeypatch, make, precondition, metric):
+    import lightning_prune.budget_callback as budget_callback
+
+    seen = []
+
+    def spy(params, rates, exempt_above=None, metric=None):
+        seen.append(metric)
+        return budget_step(params, rates, exempt_above, metric)
+
+    monkeypatch.setattr(budget_callback, "budget_step", spy)
+    torch.manual_seed(0)
+    module = make()
+    trainer = quiet_trainer(max_steps=4, callbacks=[BudgetCallback(sparsity=0.9, precondition=precondition)])
+    trainer.fit(module, DigitsDataModule(image_size=16, batch_size=64))
+    assert len(seen) == 4 and seen[0] is None  # the first step: Adam has no state yet
+    state = trainer.optimizers[0].state
+    for step_metric in seen[1:]:
+        if metric:
+            moments = [state[p.latent]["exp_avg_sq"] for p in masked_parameters(module)]
+            assert all(a is b for a, b in zip(step_metric.second_moments, moments))
+        else:
+            assert step_metric is None
