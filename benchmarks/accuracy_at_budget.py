@@ -63,7 +63,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lightning_prune
-from lightning_prune import BudgetCallback, PrunedClassifier
+from lightning_prune import BudgetCallback, LoopSettings, PrunedClassifier
 from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
 
@@ -240,10 +240,10 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
     for s in sparsities:
         if "lightning_prune" in methods:
             callback = BudgetCallback(sparsity=s, min_layer_keep=setup.args.min_layer_keep,
-                                      precondition=not setup.args.uniform_step)
+                                      loop=LoopSettings(precondition=not setup.args.uniform_step))
             model, dm, seconds = train(setup, seed, [callback])
             record("lightning_prune", s, model.backbone, dm, seconds, callback.min_layer_keep,
-                   callback.report["kept_hard_before"])
+                   callback.report.kept_hard_before)
         if "modelpruning" in methods:
             epochs = setup.args.epochs
 
@@ -304,7 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-layer-keep", type=float, default=None,
                    help="BudgetCallback(min_layer_keep=...) (default: the callback's: 1%%, at most half the keep share)")
     p.add_argument("--uniform-step", action="store_true",
-                   help="BudgetCallback(precondition=False): the budget step alike for every weight, not in Adam's metric")
+                   help="BudgetCallback(loop=LoopSettings(precondition=False)): the budget step alike for every weight, not in Adam's metric")
     p.add_argument("--recipe", choices=("adam", "sgd-cosine"), default="adam",
                    help="adam: Adam(lr); sgd-cosine: the paper configs' SGD(lr, momentum 0.9, nesterov, weight decay "
                         "5e-4) with a cosine schedule over the epochs")

@@ -12,9 +12,12 @@ Workloads (sparsity 0.9 unless said; every one with `BudgetCallback(sparsity=...
   4 and 20 epochs; metric: validation accuracy (BatchNorm is re-estimated after the cut).
 * ``small_cnn_sgd``: a small CNN on the digits, SGD 0.01 with momentum, 10 epochs.
 * ``conv4_98``: the package's Conv4 on the digits at 98%, Adam 1e-3, 20 epochs.
+* ``mobilenet_v3_small``: torchvision ``mobilenet_v3_small(num_classes=10)`` on the digits at 32 px, Adam 2e-3,
+  6 epochs (a small-scale classifier layer next to large-scale depthwise kernels; BatchNorm and hardswish).
 
-A run passes when the hard share before the cut is within 10% (relative) of the budget and the cut moves the metric
-by at most 0.5 points (accuracy) or 5% (loss).
+A run passes when the hard share before the cut is within 10% (relative) of the budget, the hard share stays within
+10% of the target from the end of the ramp to the cut (``worst_gap_after_ramp``, sampled every 5 steps), and the cut
+moves the metric by at most 0.5 points (accuracy) or 5% (loss).
 """
 
 from __future__ import annotations
@@ -111,6 +114,28 @@ def _resnet18() -> nn.Module:
     return net
 
 
+def _mobilenet_v3_small() -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.mobilenet_v3_small(num_classes=10)
+    net.features[0][0] = nn.Conv2d(1, 16, 3, 2, 1, bias=False)  # the digits are grey
+    return net
+
+
+class ShareAfterRamp(pl.Callback):
+    """The largest relative gap between the hard share in use and the target, from the end of the ramp to the cut."""
+
+    def __init__(self, budget: BudgetCallback, every: int = 5) -> None:
+        self.budget, self.every, self.worst = budget, every, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        b = self.budget
+        if b.finalized or trainer.global_step % self.every or b.progress(trainer.global_step) < b.target_end:
+            return
+        _, hard, _ = b._shares()
+        self.worst = max(self.worst, abs(hard / b.target_keep - 1))
+
+
 WORKLOADS = {
     # name: (sparsity, module factory, datamodule factory, Trainer kwargs, metric)
     "demo_transformer": (0.9, RuleTransformer, lambda: None, dict(max_steps=240), "val_loss"),
@@ -123,6 +148,8 @@ WORKLOADS = {
     "conv4_98": (0.98, lambda: ImageClassifier(Conv4(in_channels=1, input_size=16),
                                                lambda p: torch.optim.Adam(p, lr=1e-3)),
                  lambda: DigitsDataModule(image_size=16), dict(max_epochs=20), "val_acc"),
+    "mobilenet_v3_small": (0.9, lambda: ImageClassifier(_mobilenet_v3_small(), lambda p: torch.optim.Adam(p, lr=2e-3)),
+                           lambda: DigitsDataModule(image_size=32), dict(max_epochs=6), "val_acc"),
 }
 
 
@@ -134,6 +161,7 @@ class Row:
     budget_share: float
     hard_share_before_cut: float
     relative_gap: float
+    worst_gap_after_ramp: float
     metric: str
     before_cut: float
     after_cut: float
@@ -148,9 +176,10 @@ def run(name: str, seed: int) -> Row:
     pl.seed_everything(seed, verbose=False)
     module = make_module()
     callback = BudgetCallback(sparsity=sparsity)
+    tracker = ShareAfterRamp(callback)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[callback], **trainer_kwargs)
+                         callbacks=[callback, tracker], **trainer_kwargs)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -158,13 +187,13 @@ def run(name: str, seed: int) -> Row:
         trainer.fit(module, datamodule=data) if data is not None else trainer.fit(module)
     seconds = time.perf_counter() - start
     report = callback.report
-    before, after = report["val_before_cut"][metric], report["val_after_cut"][metric]
-    after_bn = report["val_after_recalibration"].get(metric)
+    before, after = report.val_before_cut[metric], report.val_after_cut[metric]
+    after_bn = report.val_after_recalibration.get(metric)
     final = after if after_bn is None else after_bn
-    gap = report["kept_hard_before"] / report["kept_share"] - 1
+    gap = report.kept_hard_before / report.kept_share - 1
     effect = (final - before) / before if metric == "val_loss" else final - before
-    ok = abs(gap) <= 0.1 and (effect <= 0.05 if metric == "val_loss" else effect >= -0.005)
-    return Row(name, sparsity, report["step"], report["kept_share"], report["kept_hard_before"], gap, metric,
+    ok = abs(gap) <= 0.1 and tracker.worst <= 0.1 and (effect <= 0.05 if metric == "val_loss" else effect >= -0.005)
+    return Row(name, sparsity, report.step, report.kept_share, report.kept_hard_before, gap, tracker.worst, metric,
                before, after, after_bn, effect, round(seconds, 1), ok)
 
 
@@ -177,15 +206,16 @@ def main(argv=None) -> list[Row]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print("| workload | sparsity | steps | hard share before the cut / budget | metric | before cut | after cut "
-          "(after BN) | pass |\n|---|---:|---:|---:|---|---:|---:|---|")
+    print("| workload | sparsity | steps | hard share before the cut / budget | worst gap after the ramp | metric | "
+          "before cut | after cut (after BN) | pass |\n|---|---:|---:|---:|---:|---|---:|---:|---|")
     for name in args.workloads:
         for seed in args.seeds:
             r = run(name, seed)
             rows.append(r)
             bn = f" ({r.after_batchnorm:.4f})" if r.after_batchnorm is not None else ""
             print(f"| {r.workload} (seed {seed}) | {r.sparsity} | {r.steps} | {r.hard_share_before_cut:.4f} / "
-                  f"{r.budget_share:.4f} ({r.relative_gap:+.1%}) | {r.metric} | {r.before_cut:.4f} | "
+                  f"{r.budget_share:.4f} ({r.relative_gap:+.1%}) | {r.worst_gap_after_ramp:.1%} | {r.metric} | "
+                  f"{r.before_cut:.4f} | "
                   f"{r.after_cut:.4f}{bn} | {'yes' if r.passed else 'NO'} |", flush=True)
     if args.json:
         write_json(args.json, {"torch": torch.__version__, "threads": args.threads, "seeds": args.seeds,

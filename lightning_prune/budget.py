@@ -128,6 +128,7 @@ def margin_gap(
     threshold: float | None = None,
     floors: list[int] | None = None,
     exempt: float = 0.0,
+    indices: list[Tensor | None] | None = None,
 ) -> MarginSample:
     """How far the weights are from the target, in score units: ``q − c``, with ``q`` the score ``|θ|/s`` above which
     a share ``keep`` of the weights lie (one value in global mode, one per tensor in layer mode), estimated from a
@@ -138,13 +139,12 @@ def margin_gap(
     default the first mask's), and the weights that per-tensor ``floors`` keep under ``c`` are taken out of the target
     first, as the cut does. ``exempt`` (a share of the weights) also gives the score above which the largest
     ``exempt`` share lie: :func:`budget_step` leaves those weights alone. The sample is drawn from ``seed`` (the same
-    on every rank), so every rank computes the same values.
+    on every rank), so every rank computes the same values, unless ``indices`` (:func:`sample_indices`) gives it.
     """
     total = sum(p.numel for p in params)
-    generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
+    indices = sample_indices(params, seed) if indices is None else indices
     scores, weights, shares = [], [], []
-    for p in params:
-        index = _sample_index(p.numel, total, generator)
+    for p, index in zip(params, indices):
         flat = p.latent.detach().reshape(-1)
         n = p.numel if index is None else index.numel()
         score = p.mask.score(flat if index is None else flat[index])
@@ -168,6 +168,13 @@ def margin_gap(
     return MarginSample((margin - c).reshape(1), torch.stack(shares), exempt_above)
 
 
+def sample_indices(params: list[MaskedParameter], seed: int) -> list[Tensor | None]:
+    """The weights of each tensor in the step's sample, drawn from ``seed`` (the same on every rank); ``None``: all."""
+    total = sum(p.numel for p in params)
+    generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
+    return [_sample_index(p.numel, total, generator) for p in params]
+
+
 def _sample_index(numel: int, total: int, generator: torch.Generator) -> Tensor | None:
     """Indices of a tensor's weights in the margin sample (its share of :data:`MARGIN_SAMPLES`, at least
     :data:`MIN_SAMPLES_PER_TENSOR`); ``None``: all of them."""
@@ -184,7 +191,12 @@ class StepMetric(NamedTuple):
 
 
 @torch.no_grad()
-def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optimizer, seed: int = 0) -> StepMetric | None:
+def optimizer_metric(
+    params: list[MaskedParameter],
+    optimizer: torch.optim.Optimizer,
+    seed: int = 0,
+    indices: list[Tensor | None] | None = None,
+) -> StepMetric | None:
     """The metric of the optimizer's steps, read from its running means of squared gradients ``v``
     (:data:`SECOND_MOMENT_KEYS`), or ``None`` when it keeps none for these tensors (SGD, with or without momentum,
     steps every weight alike: the uniform budget step already is its metric; so is a step before the first, when the
@@ -195,8 +207,8 @@ def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optim
     signal-to-noise ratio is. The step is normalised by the median ``√v`` of the sampled weights whose score is within
     :data:`MARGIN_BAND` of their threshold (of all sampled weights when none is), leaving out the weights that never
     had a gradient (``v = 0``: in a 3x3 convolution over a 1x1 map, the eight outer taps), so the weights at the margin still
-    move by about λ score units per unit of λ and the loop's gains hold. The sample is :func:`margin_gap`'s (drawn from
-    ``seed``), so every rank computes the same reference.
+    move by about λ score units per unit of λ and the loop's gains hold. The sample is :func:`margin_gap`'s (``indices``, or drawn
+    from ``seed``), so every rank computes the same reference.
 
     Example:
         >>> import torch
@@ -215,11 +227,9 @@ def optimizer_metric(params: list[MaskedParameter], optimizer: torch.optim.Optim
     moments = [_second_moment(optimizer.state.get(p.latent, {}), p.latent) for p in params]
     if all(v is None for v in moments):
         return None
-    total = sum(p.numel for p in params)
-    generator = torch.Generator(device=params[0].latent.device).manual_seed(seed)
+    indices = sample_indices(params, seed) if indices is None else indices  # margin_gap's sample
     roots, near = [], []
-    for p, v in zip(params, moments):
-        index = _sample_index(p.numel, total, generator)  # drawn for every tensor: the same sample as margin_gap's
+    for p, v, index in zip(params, moments, indices):
         if v is None:
             continue
         theta, v = p.latent.detach().reshape(-1), v.reshape(-1)
@@ -264,8 +274,9 @@ def budget_step(
     on θ's device). The sign of each weight is kept; a weight that reaches 0 stays there until its gradient moves it.
     Weights whose score is at least ``exempt_above`` (one value, or one per tensor) are left alone: the step of the
     trimmed norm, which does not count the largest weights. With a ``metric`` (:func:`optimizer_metric`) a shrinking
-    step (λ > 0) is taken in the optimizer's metric, ``λ_i·s_i·reference/√v_j`` for weight ``j``; a growing one
-    (λ < 0) stays uniform.
+    step (λ > 0) is taken in the optimizer's metric, ``λ_i·s_i·reference/√v_j`` for weight ``j``. A growing step
+    (λ < 0) scales each magnitude by ``1 + |λ_i|``: a weight at the threshold (``|θ| = s_i``) grows by ``|λ_i|·s_i``, a
+    zeroed weight not at all, so no tensor's zeroed weights cross the threshold together.
 
     Example:
         >>> import torch
@@ -284,13 +295,14 @@ def budget_step(
         theta = p.latent
         magnitude = theta.abs()
         exempt = magnitude >= limit * p.mask.scale if limit is not None else None
+        # no host read of λ's sign: the shrink and the growth, one of them zero
         if v is None:
-            magnitude.sub_(rate * p.mask.scale)
-        else:  # no host read of λ's sign: the shrink in the metric plus the growth, one of them zero
+            magnitude.sub_(rate.clamp_min(0) * p.mask.scale)
+        else:
             reference = metric.reference
             floor = (reference.square() * 1e-12).clamp_min(torch.finfo(v.dtype).tiny)  # √v ≥ 10⁻⁶·reference
             magnitude.addcmul_(v.clamp_min(floor).rsqrt_(), rate.clamp_min(0) * p.mask.scale * reference, value=-1)
-            magnitude.sub_(rate.clamp_max(0) * p.mask.scale)
+        magnitude.mul_(1 - rate.clamp_max(0))  # growth in proportion to |θ|: λ·s at the threshold, none at 0
         stepped = magnitude.clamp_min_(0).copysign_(theta)
         if exempt is None:
             theta.copy_(stepped)

@@ -2,41 +2,49 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.fabric.utilities.data import has_len
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.trainer.call import _call_configure_model
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from lightning_prune.budget import (
     BudgetMode,
     budget_count,
-    budget_step,
     check_sparsity,
-    common_unit,
     hard_kept_counts,
     layer_floor,
-    margin_gap,
-    optimizer_metric,
     soft_kept_counts,
-    update_floor_thresholds,
 )
 from lightning_prune.budget_controller import BudgetController
+from lightning_prune.budget_loop import BudgetLoop, LoopSettings
+from lightning_prune.checkpoint_format import loads_plain_layout, to_plain_checkpoint
+from lightning_prune.cut_report import CutReport
 from lightning_prune.finalization import finalize
-from lightning_prune.module_passes import has_batchnorm, recalibrate_batchnorm, validation_metrics
+from lightning_prune.module_passes import _loaders, has_batchnorm, recalibrate_batchnorm, validation_metrics
 from lightning_prune.non_finite import check_latents_finite, check_loss_finite
-from lightning_prune.reparametrize import coverage, masked_parameters, prunable_parameters, reparametrize
+from lightning_prune.reparametrize import (
+    UNSUPPORTED_REASONS,
+    MaskedParameter,
+    coverage,
+    detach_recurrent_weights,
+    masked_parameters,
+    prunable_parameters,
+    reparametrize,
+)
 from lightning_prune.schedules import TargetSchedule, target_keep_at, temperature_at
 
 #: Share of each tensor kept at least, unless the budget is too small for it (see ``min_layer_keep``).
 DEFAULT_MIN_LAYER_KEEP = 0.01
-#: Optimizer steps between two updates of the thresholds of tensors near their floor.
-FLOOR_CHECK_EVERY = 10
 #: Kept share just before the cut, relative to the budget, beyond which the cut gets a warning.
 CUT_TOLERANCE = 0.1
 
@@ -45,47 +53,36 @@ class BudgetCallback(Callback):
     """Budget-aware pruning during training, for any LightningModule.
 
     At ``setup`` it reparametrizes the module's weight matrices (see :mod:`lightning_prune.reparametrize` for the
-    rule), before the optimizers are built. During training the target keep share moves from 1 to
-    ``1 − sparsity`` over ``[target_start, target_end]`` of the run, while the gate's temperature falls from
-    ``temperature_start`` to ``temperature_end``; after ``target_end`` the gate is the step function, so the network
-    trains on with the mask it will keep. Before each optimizer step a closed loop
-    (:class:`~lightning_prune.budget_controller.BudgetController`) sizes the budget step from how far the weights are
-    from the target, whatever the optimizer and learning rate; under an Adam-like optimizer the step is taken in its
-    metric (:func:`~lightning_prune.budget.optimizer_metric`). When fit ends the masks become hard and keep exactly
-    ``budget_count(N, sparsity)`` weights, BatchNorm statistics are re-estimated, and the module's own validation
-    metrics before and after the cut go into :attr:`report`.
+    rule; layers built in ``configure_model`` included), before the optimizers are built. During training the target
+    keep share moves from 1 to ``1 − sparsity`` by ``target_end`` of the run while the gate's temperature falls;
+    after ``target_end`` the gate is the step function, so the network trains on with the mask it will keep. Before
+    each optimizer step a closed loop (:class:`~lightning_prune.budget_loop.BudgetLoop`) sizes the budget step from
+    how far the weights are from the target, whatever the optimizer and learning rate. When fit ends the masks become
+    hard and keep exactly ``budget_count(N, sparsity)`` weights, BatchNorm statistics are re-estimated, and the
+    module's own validation metrics before and after the cut go into :attr:`report` (a
+    :class:`~lightning_prune.CutReport`).
+
+    Checkpoints hold the weights under the network's own names (:mod:`lightning_prune.checkpoint_format`):
+    ``MyModule.load_from_checkpoint(path)`` and ``trainer.test(ckpt_path=path)`` work in a new process.
 
     Logged (``prune/...``): ``lambda``, ``temperature``, ``target_keep``, ``kept_hard``, ``kept_soft``,
     ``kept/<tensor>``, and at the cut ``kept_hard_before``, ``kept_final`` and the validation metrics.
 
     Args:
         sparsity: share of the covered weights removed at the end, in [0, 1).
+        target_end: share of training at which the target reaches the budget, in (0, 1].
         target_schedule: how the target keep share moves from 1 to the budget (``"cubic"``: fast first).
-        target_start: share of training at which the target starts to move, in [0, 1].
-        target_end: share of training at which the target reaches the budget, in [target_start, 1].
-        temperature_start: temperature of the gate at the start (> 0).
-        temperature_end: temperature at ``target_end`` (in (0, temperature_start]); 0 (the step) after it.
-        grad_temperature: floor on the temperature of the backward pass (bounds the gradient near the threshold).
-        threshold: normalised threshold ``c`` of the masks.
         mode: ``"global"`` (one budget over all tensors) or ``"layer"`` (each tensor meets the share on its own).
         min_layer_keep: share of each tensor always kept; default 1%, capped at half the keep share.
         include: patterns of the tensors to prune (globs or ``re:`` regexes, on tensor or module names).
         exclude: patterns of tensors to leave dense.
         embeddings: also prune embedding tables.
-        response_steps: time constant of the budget loop, in optimizer steps; default a 16th of the target's ramp,
-            between 2 and 10 steps.
-        max_step: largest budget step per optimizer step, in units of each tensor's scale.
-        exempt_share: share of the budget, the weights with the largest scores, that the budget step leaves alone
-            (the step of a trimmed L1 norm): the weights the network keeps anyway are not shrunk.
-        precondition: under an optimizer that keeps running means of squared gradients (Adam, AdamW, RMSprop, ...),
-            shrink each weight in proportion to the step the optimizer gives it (``1/√v``), so that the weights the
-            loss needs least go first; with SGD the step is uniform either way.
-        total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
-        finalize_on_fit_end: harden the masks when fit ends.
+        total_steps: optimizer steps the schedules span; default the steps the Trainer will take
+            (``estimated_stepping_batches``; under manual optimization, measured in the first epoch).
         recalibrate_batchnorm: after the cut, re-estimate BatchNorm statistics (when the model has BatchNorm).
-        recalibration_batches: training batches used for that.
         measure_cut: run the module's ``validation_step`` before and after the cut and report what it logs.
         check_finite: stop with :class:`~lightning_prune.NonFiniteError` on a non-finite loss or latent weight.
+        loop: the closed loop's settings (:class:`~lightning_prune.LoopSettings`); the defaults are measured.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -95,92 +92,76 @@ class BudgetCallback(Callback):
     def __init__(
         self,
         sparsity: float = 0.9,
-        target_schedule: TargetSchedule = "cubic",
-        target_start: float = 0.0,
         target_end: float = 0.6,
-        temperature_start: float = 0.5,
-        temperature_end: float = 0.02,
-        grad_temperature: float = 0.1,
-        threshold: float = 1.0,
+        target_schedule: TargetSchedule = "cubic",
         mode: BudgetMode = "global",
         min_layer_keep: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         embeddings: bool = False,
-        response_steps: float | None = None,
-        max_step: float = 1.0,
-        exempt_share: float = 0.5,
-        precondition: bool = True,
         total_steps: int | None = None,
-        finalize_on_fit_end: bool = True,
         recalibrate_batchnorm: bool = True,
-        recalibration_batches: int = 32,
         measure_cut: bool = True,
         check_finite: bool = True,
+        loop: LoopSettings | None = None,
     ) -> None:
         super().__init__()
         check_sparsity(sparsity)
+        loop = LoopSettings() if loop is None else loop
+        _check(isinstance(loop, LoopSettings), f"loop takes a LoopSettings, got {type(loop).__name__}.")
         _check_choice("target_schedule", target_schedule, TargetSchedule)
         _check_choice("mode", mode, BudgetMode)
         _check(
-            0 <= target_start <= target_end <= 1,
-            f"need 0 <= target_start <= target_end <= 1 (shares of training), got {target_start} and {target_end}.",
+            0 < target_end <= 1 and loop.target_start <= target_end,
+            f"target_end is the share of training at which the target reaches the budget, in (0, 1] and >= "
+            f"loop.target_start ({loop.target_start}); got {target_end}.",
         )
-        _check(
-            0 < temperature_end <= temperature_start,
-            f"need 0 < temperature_end <= temperature_start, got {temperature_end} and {temperature_start}: the "
-            "temperature goes down during training.",
-        )
-        _check(grad_temperature > 0, f"grad_temperature must be > 0, got {grad_temperature}.")
-        _check(threshold > 0, f"threshold must be > 0, got {threshold}.")
         if min_layer_keep is None:
             min_layer_keep = min(DEFAULT_MIN_LAYER_KEEP, (1.0 - sparsity) / 2)
         _check(0 <= min_layer_keep <= 1, f"min_layer_keep is a share in [0, 1], got {min_layer_keep}.")
         _check(total_steps is None or total_steps > 0, f"total_steps must be > 0, got {total_steps}.")
-        _check(response_steps is None or response_steps >= 1, f"response_steps must be >= 1, got {response_steps}.")
-        _check(0 <= exempt_share < 1, f"exempt_share is a share of the budget in [0, 1), got {exempt_share}.")
-        _check(recalibration_batches >= 1, f"recalibration_batches must be >= 1, got {recalibration_batches}.")
         for arg, value in (("include", include), ("exclude", exclude)):
             _check(not isinstance(value, str), f"`{arg}` takes a list of patterns: write [{value!r}].")
         self.sparsity = float(sparsity)
         self.keep = 1.0 - self.sparsity
+        self.target_end = float(target_end)
         self.target_schedule = target_schedule
-        self.target_start, self.target_end = float(target_start), float(target_end)
-        self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
-        self.grad_temperature = float(grad_temperature)
-        self.threshold = float(threshold)
         self.mode = mode
         self.min_layer_keep = float(min_layer_keep)
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.embeddings = bool(embeddings)
-        self.response_steps = response_steps
-        self.controller = BudgetController(response_steps or 10.0, max_step)
-        self.exempt_share = float(exempt_share)
-        self.precondition = bool(precondition)
         self.total_steps = total_steps
-        self.finalize_on_fit_end = finalize_on_fit_end
         self.recalibrate_batchnorm = recalibrate_batchnorm
-        self.recalibration_batches = int(recalibration_batches)
         self.measure_cut = measure_cut
         self.check_finite = check_finite
+        self.loop = loop
+        self.budget_loop = BudgetLoop(loop, mode, self.min_layer_keep, self.keep)
         self.finalized = False
         self.step = 0
         self.target_keep = 1.0
-        self.temperature = self.temperature_start
-        self.report: dict[str, Any] = {}
+        self.temperature = loop.temperature_start
+        self.report = CutReport()
         self._total: int | None = None
-        self._params = []
-        self._latent_ids: set[int] = set()
-        self._lambda: Tensor | None = None
+        self._params: list[MaskedParameter] = []
+        self._measure_from: tuple[int, int] | None = None  # (global step, batches) where the step count is measured
+
+    @property
+    def controller(self) -> BudgetController:
+        """The loop's PI controller (its state is saved in checkpoints)."""
+        return self.budget_loop.controller
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loads_plain_layout(pl_module)  # a checkpoint of a pruned run loads, with its masks
         if stage != "fit" or masked_parameters(pl_module):
             if stage == "fit" and (self.include or self.exclude):
                 rank_zero_warn("BudgetCallback: the module is already reparametrized; include/exclude are ignored.")
             self._attach_state(pl_module)
+            self._refresh_swa_copies(trainer, pl_module)
             return
+        if is_overridden("configure_model", pl_module):  # layers built there exist only after it (it is idempotent)
+            _call_configure_model(trainer)
         # everything is checked before the module is changed: a refused fit leaves it as it was
         chosen = prunable_parameters(pl_module, self.include, self.exclude, self.embeddings)
         sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
@@ -191,21 +172,27 @@ class BudgetCallback(Callback):
                 f"{self.sparsity} allows {budget_count(sum(sizes), self.sparsity)} of {sum(sizes)}: lower "
                 "min_layer_keep or the sparsity."
             )
-        if self.total_steps is None and trainer.max_steps == -1 and (trainer.max_epochs or -1) < 0:
-            raise ValueError(_UNKNOWN_LENGTH)
+        if self.total_steps is None:
+            _check_known_length(trainer)
         reparametrize(
             pl_module,
             include=self.include,
             exclude=self.exclude,
             embeddings=self.embeddings,
-            threshold=self.threshold,
-            temperature=self.temperature_start,
-            grad_temperature=self.grad_temperature,
+            temperature=self.loop.temperature_start,
+            grad_temperature=self.loop.grad_temperature,
         )
         self._attach_state(pl_module)
+        self._refresh_swa_copies(trainer, pl_module)
         covered = coverage(pl_module, self.embeddings)
-        self.report["coverage"] = covered.summary()
+        self.report.coverage = covered.summary()
         rank_zero_info(f"BudgetCallback: {covered.summary()}.")
+        unsupported = [f"{n} ({why})" for n, _, why in covered.left_out if why.startswith(UNSUPPORTED_REASONS)]
+        if unsupported:
+            rank_zero_warn(
+                f"BudgetCallback: {', '.join(unsupported)} stay dense: the mask cannot sit on a weight that another "
+                "reparametrization computes. Use plain layers there to prune them."
+            )
         if covered.share_of_matrix_weights < 0.5:
             rank_zero_warn(
                 f"BudgetCallback: {covered.summary()}. sparsity={self.sparsity} applies to the covered tensors only; "
@@ -214,21 +201,49 @@ class BudgetCallback(Callback):
 
     def _attach_state(self, pl_module: pl.LightningModule) -> None:
         self._params = masked_parameters(pl_module)
-        self._latent_ids = {id(p.latent) for p in self._params}
-        self._floors = [layer_floor(p.numel, self.min_layer_keep) for p in self._params]
-        if self._params:
-            self._relative_scale = common_unit(self._params)
+        self.budget_loop.attach(self._params)
+
+    @staticmethod
+    def _refresh_swa_copies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A StochasticWeightAveraging listed before this callback copied the module before its masks: copy again."""
+        for cb in trainer.callbacks:
+            average = getattr(cb, "_average_model", None)
+            if isinstance(cb, StochasticWeightAveraging) and average is not None and not masked_parameters(average):
+                detach_recurrent_weights(pl_module)
+                cb._average_model = copy.deepcopy(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach_state(pl_module)  # after a strategy wrapped the module: the same tensors
+        self._attach_state(pl_module)  # after a strategy wrapped the module, or a checkpoint restored the scales
+        if not self._params:
+            raise ValueError(
+                "BudgetCallback: the module has no masked tensor at fit start: its layers were replaced after set-up "
+                "(a configure_model that builds them anew on each call; make it return early when they exist)."
+            )
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:
             self._total = _planned_steps(trainer)
-        self.finalized = bool(self._params) and all(bool(p.mask.hard) for p in self._params)
-        ramp_steps = (self.target_end - self.target_start) * self._total
-        self.controller.set_response(self.response_steps or min(10.0, max(2.0, ramp_steps / 16)))
+            if not pl_module.automatic_optimization:
+                self._measure_from = (trainer.global_step, 0)
+        hard = [bool(p.mask.hard) for p in self._params]
+        self.finalized = all(hard)
+        if self.finalized and sum(int(p.mask.mask.sum()) for p in self._params) != budget_count(
+            sum(p.numel for p in self._params), self.sparsity
+        ):
+            self._reopen(pl_module)
+        self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
         self._apply_schedules(trainer.global_step)
+
+    def _reopen(self, pl_module: pl.LightningModule) -> None:
+        """The module was cut to another budget: the removed weights start from 0 and the loop goes on to this one."""
+        rank_zero_info(f"BudgetCallback: the module was pruned to another budget; pruning on to sparsity={self.sparsity}.")
+        with torch.no_grad():
+            for p in self._params:
+                p.latent.mul_(p.mask.mask)
+                p.mask.mask.fill_(True)
+                p.mask.hard.fill_(False)
+        self.finalized = False
+        self.report = CutReport(coverage=self.report.coverage)
 
     # ---------------------------------------------------------- per step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -240,34 +255,38 @@ class BudgetCallback(Callback):
             check_loss_finite(trainer, loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        trains_latents = any(id(p) in self._latent_ids for g in optimizer.param_groups for p in g["params"])
-        if self.finalized or not trains_latents:
-            return
-        gap, shares, exempt_above = margin_gap(
-            self._params, self.target_keep, self.mode, trainer.global_step, self.threshold,
-            self._floors if self.mode == "global" else None, exempt=self.exempt_share * self.keep,
-        )
-        self._lambda = self.controller.update(gap)
-        rates = self._lambda * self._relative_scale if self.mode == "global" else self._lambda
-        # a tensor at its floor feels no budget pressure
-        rates = torch.where(shares > self.min_layer_keep, rates, torch.zeros_like(rates))
-        metric = optimizer_metric(self._params, optimizer, trainer.global_step) if self.precondition else None
-        budget_step(self._params, rates, exempt_above, metric)
-        if self.mode == "global" and trainer.global_step % FLOOR_CHECK_EVERY == 0:
-            update_floor_thresholds(self._params, shares, self._floors, self.min_layer_keep, self.threshold)
+        if not self.finalized:
+            self.budget_loop.step(optimizer, trainer.global_step, self.target_keep)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.check_finite:
             check_latents_finite(trainer, self._params, "Training stopped before any checkpoint of this step was written.")
+        if self._measure_from is not None:
+            self._measure_steps_per_batch(trainer)
         if self.finalized:
             return
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             self._log_state(pl_module)
-        if self.finalize_on_fit_end and self._total is not None and trainer.global_step >= self._total:
+        if self.loop.finalize_on_fit_end and self._total is not None and trainer.global_step >= self._total:
             self._finalize(trainer, pl_module)
 
+    def _measure_steps_per_batch(self, trainer: pl.Trainer) -> None:
+        """Manual optimization: the planned length is the optimizer steps per batch seen in the first epoch times the
+        batches the run will take (Lightning counts batches; a GAN steps two optimizers per batch)."""
+        start_step, batches = self._measure_from
+        batches += 1
+        self._measure_from = (start_step, batches)
+        steps = trainer.global_step - start_step
+        total_batches = trainer.num_training_batches * max(1, trainer.max_epochs or 1)
+        if steps > 0 and math.isfinite(total_batches):
+            planned = round(steps / batches * total_batches)
+            self._total = min(planned, trainer.max_steps) if trainer.max_steps > 0 else planned
+            self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
+        if batches >= trainer.num_training_batches:
+            self._measure_from = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.finalize_on_fit_end:
+        if not self.loop.finalize_on_fit_end:
             return
         if not self.finalized:  # fit stopped before the planned last step (EarlyStopping, max_time, should_stop)
             self._finalize(trainer, pl_module)
@@ -293,7 +312,7 @@ class BudgetCallback(Callback):
 
     def _harden_soft_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = masked_parameters(pl_module)
-        if not self.finalize_on_fit_end or not params or all(bool(p.mask.hard) for p in params):
+        if not self.loop.finalize_on_fit_end or not params or all(bool(p.mask.hard) for p in params):
             return
         result = finalize(params, self.sparsity, self.min_layer_keep, self.mode)
         rank_zero_warn(
@@ -308,6 +327,7 @@ class BudgetCallback(Callback):
         # before anything is written: a NaN that appeared after the per-step check must not overwrite a good file
         if self.check_finite:
             check_latents_finite(trainer, self._params, "The checkpoint of this step was not written.")
+        to_plain_checkpoint(checkpoint, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -315,7 +335,7 @@ class BudgetCallback(Callback):
             "finalized": self.finalized,
             "sparsity": self.sparsity,
             "controller": self.controller.state_dict(),
-            "report": dict(self.report),
+            "report": self.report.to_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -325,9 +345,10 @@ class BudgetCallback(Callback):
                 "the target share jumps."
             )
         self._total = state_dict["total_steps"] if self.total_steps is None else self.total_steps
+        self._measure_from = None
         self.finalized = state_dict["finalized"]
         self.controller.load_state_dict(state_dict.get("controller", {}))
-        self.report = dict(state_dict.get("report", {}))
+        self.report = CutReport.from_dict(state_dict.get("report", {}))
 
     # ------------------------------------------------------------ internals
     def progress(self, step: int) -> float:
@@ -337,8 +358,9 @@ class BudgetCallback(Callback):
     def _apply_schedules(self, step: int) -> None:
         p = self.progress(step)
         self.step = step
-        self.target_keep = target_keep_at(p, self.keep, self.target_schedule, self.target_start, self.target_end)
-        self.temperature = temperature_at(p, self.temperature_start, self.temperature_end, self.target_end)
+        loop = self.loop
+        self.target_keep = target_keep_at(p, self.keep, self.target_schedule, loop.target_start, self.target_end)
+        self.temperature = temperature_at(p, loop.temperature_start, loop.temperature_end, self.target_end)
         for param in self._params:
             param.mask.set_temperature(self.temperature)
 
@@ -351,8 +373,9 @@ class BudgetCallback(Callback):
 
     def _log_state(self, pl_module: pl.LightningModule) -> None:
         soft, hard, counts = self._shares()
+        latest = self.budget_loop.latest_lambda
         values = {
-            "prune/lambda": 0.0 if self._lambda is None else float(self._lambda.max()),
+            "prune/lambda": 0.0 if latest is None else float(latest.max()),
             "prune/temperature": self.temperature,
             "prune/target_keep": self.target_keep,
             "prune/kept_soft": soft,
@@ -371,22 +394,22 @@ class BudgetCallback(Callback):
         self.finalized = True
         after = validation_metrics(trainer, pl_module) if self.measure_cut else {}
         recalibrated = {}
-        if self.recalibrate_batchnorm and has_batchnorm(pl_module) and pl_module.automatic_optimization:
-            if recalibrate_batchnorm(trainer, pl_module, self.recalibration_batches) and self.measure_cut:
+        if self.recalibrate_batchnorm and has_batchnorm(pl_module):
+            if recalibrate_batchnorm(trainer, pl_module, self.loop.recalibration_batches) and self.measure_cut:
                 recalibrated = validation_metrics(trainer, pl_module)
-        self.report.update({
-            "step": step,
-            "planned_steps": self._total,
-            "kept": result.kept,
-            "total": result.total,
-            "kept_share": result.kept_share,
-            "kept_soft_before": soft,
-            "kept_hard_before": hard,
-            "val_before_cut": before,
-            "val_after_cut": after,
-            "val_after_recalibration": recalibrated,
-            "per_tensor": {name: list(v) for name, v in result.per_layer.items()},
-        })
+        self.report = CutReport(
+            coverage=self.report.coverage,
+            step=step,
+            planned_steps=self._total,
+            kept=result.kept,
+            total=result.total,
+            kept_soft_before=soft,
+            kept_hard_before=hard,
+            val_before_cut=before,
+            val_after_cut=after,
+            val_after_recalibration=recalibrated,
+            per_tensor=dict(result.per_layer),
+        )
         if trainer.logger is not None:
             values = {"prune/kept_final": result.kept_share, "prune/kept_hard_before": hard}
             for prefix, metrics in (("before_cut", before), ("after_cut", after), ("after_bn", recalibrated)):
@@ -414,15 +437,32 @@ class BudgetCallback(Callback):
 
 _UNKNOWN_LENGTH = (
     "BudgetCallback needs a finite training length to schedule the target and the temperature: set max_epochs or "
-    "max_steps on the Trainer (with max_time, set the steps it will take as total_steps on the callback)."
+    "max_steps on the Trainer (with max_time, or a training loader without a length such as an IterableDataset, set "
+    "max_steps on the Trainer or the steps it will take as total_steps on the callback)."
 )
+
+
+def _check_known_length(trainer: pl.Trainer) -> None:
+    """Refuse, before the module changes, a run whose length cannot be known: no max_steps and no max_epochs, or
+    epochs of a loader without a length (an IterableDataset)."""
+    if trainer.max_steps != -1:
+        return
+    if (trainer.max_epochs or -1) < 0:
+        raise ValueError(_UNKNOWN_LENGTH)
+    try:
+        loaders = trainer.fit_loop._data_source.dataloader()
+    except Exception:  # noqa: BLE001 - no loader to look at yet: on_fit_start checks the estimate
+        return
+    for loader in _loaders(loaders):
+        if not has_len(loader):
+            raise ValueError(f"{_UNKNOWN_LENGTH} The training loader has no length.")
 
 
 def _planned_steps(trainer: pl.Trainer) -> int:
     # called in on_fit_start, not setup: it builds the training loader, which must come after a resumed run's
     # checkpoint restored its state (and a resumed run takes the span saved in its checkpoint)
     estimated = trainer.estimated_stepping_batches
-    if not math.isfinite(estimated):
+    if not math.isfinite(estimated) or estimated <= 0:
         raise ValueError(_UNKNOWN_LENGTH)
     return int(estimated)
 

@@ -57,14 +57,14 @@ class PruneCLI(LightningCLI):
         torch.save(backbone.state_dict(), plain)
         budget = next((cb for cb in trainer.callbacks if isinstance(cb, BudgetCallback)), None)
         lines = ["", "lightning_prune summary"]
-        if budget is not None and budget.report:
+        if budget is not None and budget.report.cut_done:
             r = budget.report
-            lines.append(f"  kept weights        {r['kept']}/{r['total']} = {r['kept_share']:.4%} "
+            lines.append(f"  kept weights        {r.kept}/{r.total} = {r.kept_share:.4%} "
                          f"(asked: {1 - budget.sparsity:.4%})")
-            lines.append(f"  in use before cut   {r['kept_hard_before']:.4%} of the covered weights")
-            if r.get("coverage"):
-                lines.append(f"  coverage            {r['coverage']}")
-            before, after, bn = r.get("val_before_cut", {}), r.get("val_after_cut", {}), r.get("val_after_recalibration")
+            lines.append(f"  in use before cut   {r.kept_hard_before:.4%} of the covered weights")
+            if r.coverage:
+                lines.append(f"  coverage            {r.coverage}")
+            before, after, bn = r.val_before_cut, r.val_after_cut, r.val_after_recalibration
             for name in sorted(set(before) & set(after)):
                 figures = f"{before[name]:.4f} -> {after[name]:.4f}"
                 figures += f" -> {bn[name]:.4f} (BatchNorm re-estimated)" if bn and name in bn else ""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.reparametrize import masked_parameters
+from lightning_prune.reparametrize import detach_recurrent_weights, masked_parameters
 
 COMPACT_FORMAT = "lightning_prune.compact/1"
 
@@ -49,6 +49,7 @@ def make_permanent(model: nn.Module, inplace: bool = True) -> nn.Module:
             "(BudgetCallback does it at the end of fit) before exporting."
         )
     if not inplace:
+        detach_recurrent_weights(model)
         model = copy.deepcopy(model)
     owned = set()
     for p in masked_parameters(model):

@@ -114,11 +114,38 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in module.modules())
 
 
+@contextlib.contextmanager
+def _steps_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Under manual optimization, ``training_step`` steps its optimizers and schedulers itself: make those calls (and
+    ``manual_backward``) do nothing for the duration of the block, so a pass changes no weight and no learning rate."""
+    if pl_module.automatic_optimization:
+        yield
+        return
+    optimizers = pl_module.optimizers(use_pl_optimizer=True)
+    schedulers = pl_module.lr_schedulers()
+    patched = [o for o in (optimizers if isinstance(optimizers, list) else [optimizers])]
+    patched += [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s is not None]
+    for obj in patched:
+        obj.step = obj.zero_grad = _nothing
+    pl_module.manual_backward = _nothing
+    try:
+        yield
+    finally:
+        for obj in patched:
+            del obj.step, obj.zero_grad
+        del pl_module.manual_backward
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, num_batches: int) -> int:
     """Re-estimate the running mean and variance of every BatchNorm layer from ``num_batches`` training batches run
-    through the module's ``training_step`` in train mode, without gradients; no weight changes. Returns the number of
-    batches used (0 when there was no training data)."""
+    through the module's ``training_step`` in train mode, without gradients; no weight changes (under manual
+    optimization the step's optimizer and scheduler calls do nothing during the pass). Returns the number of batches
+    used (0 when there was no training data)."""
     norms = [m for m in pl_module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     loaders = _loaders(trainer.train_dataloader)
     if not norms or not loaders:
@@ -131,7 +158,7 @@ def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, nu
     pl_module.train()
     used = 0
     try:
-        with _captured_logs(pl_module), _metrics_put_back(pl_module):
+        with _captured_logs(pl_module), _metrics_put_back(pl_module), _steps_disabled(pl_module):
             for batch_idx, batch in enumerate(loaders[0]):
                 if used >= num_batches:
                     break

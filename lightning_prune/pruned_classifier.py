@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_prune.reparametrize import reparametrize_like
+from lightning_prune.checkpoint_format import CHECKPOINT_KEY
+from lightning_prune.reparametrize import COMPILED, reparametrize_like
 
 
 class PrunedClassifier(pl.LightningModule):
@@ -99,10 +100,10 @@ class PrunedClassifier(pl.LightningModule):
             rank_zero_warn("PrunedClassifier is trained without a BudgetCallback: the network stays dense.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {"backbone": _class_name(self.backbone)}
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["backbone"] = _class_name(self.backbone)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(_CHECKPOINT_KEY, {}).get("backbone")
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("backbone")
         current = _class_name(self.backbone)
         other_class = (
             f"The checkpoint was trained with a {saved} backbone but this PrunedClassifier has a {current}: build it "
@@ -130,26 +131,24 @@ def _update_metric(metric: MulticlassAccuracy, logits: Tensor, target: Tensor) -
     metric(logits, target)
 
 
-_CHECKPOINT_KEY = "lightning_prune"
-_COMPILED = "_orig_mod"  # the attribute under which torch.compile's wrapper holds the module
 
 
 def _class_name(module: nn.Module) -> str:
-    return type(getattr(module, _COMPILED, module)).__qualname__
+    return type(getattr(module, COMPILED, module)).__qualname__
 
 
 def _align_compiled_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
     """Rename, in place, the keys of a checkpoint saved with (or without) a ``torch.compile``'d submodule so that they
     match ``model``: the compiled wrapper adds ``_orig_mod.`` to the keys of the module it wraps."""
-    wrappers = {name for name, module in model.named_modules() if isinstance(getattr(module, _COMPILED, None), nn.Module)}
+    wrappers = {name for name, module in model.named_modules() if isinstance(getattr(module, COMPILED, None), nn.Module)}
 
     def own(key: str) -> str:
         path: list[str] = []
         for part in key.split("."):
-            if part == _COMPILED:
+            if part == COMPILED:
                 continue
             if ".".join(path) in wrappers:
-                path.append(_COMPILED)
+                path.append(COMPILED)
             path.append(part)
         return ".".join(path)
 

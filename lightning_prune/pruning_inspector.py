@@ -63,8 +63,8 @@ class PruningInspector(Callback):
     image); with another logger, or without matplotlib, the inspector warns once and skips them. Work is done on
     global rank 0 only, under ``torch.no_grad``; one figure is drawn per inspection and closed at once.
 
-    Put it after :class:`~lightning_prune.BudgetCallback` in the callback list, so that a finalisation made in
-    ``on_train_end`` (early stopping) is inspected too.
+    A finalisation made in ``on_train_end`` (early stopping) is inspected too, in ``teardown``, wherever the
+    inspector stands in the callback list.
 
     Args:
         every_n_epochs: inspect every this many training epochs (>= 1).
@@ -122,7 +122,17 @@ class PruningInspector(Callback):
         values = {f"inspect/threshold/{s.name}": s.threshold for s in snapshots}
         pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # in teardown, after every callback's on_train_end: a cut made there (early stopping) is inspected whatever
+        # the order of the callbacks; the loggers are still open
+        if stage == "fit":
+            self._inspect_final(trainer, pl_module)
+        self._drain()  # images still being drawn are written before the loggers close
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _inspect_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = masked_parameters(pl_module)
         if not self._inspected_hard and layers and all(bool(layer.mask.hard) for layer in layers):
             # the masks were hardened after the last inspection (early stopping, an epoch that was not inspected)
@@ -131,16 +141,9 @@ class PruningInspector(Callback):
                 values = {f"inspect/threshold/{s.name}": s.threshold for s in snapshots}
                 for logger in trainer.loggers:
                     logger.log_metrics(values, step=trainer.global_step)
-        self._drain()  # images still being drawn are written before the loggers close
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._drain()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._drain()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"inspected_hard": self._inspected_hard}

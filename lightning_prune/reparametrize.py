@@ -2,9 +2,14 @@
 
 The rule works on parameters, not module classes: by default every weight matrix or kernel that multiplies
 activations — a parameter of 2 or more dimensions named ``weight`` or ``*_weight`` (``Linear``, ``ConvNd``, Hugging
-Face's ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``, timm's layers) — and not embeddings (unless
+Face's ``Conv1D``, ``nn.MultiheadAttention``'s ``in_proj_weight``, timm's layers) or a recurrent layer's
+``weight_ih_l0``/``weight_hh_l0``/``weight_hr_l0`` (``LSTM``, ``GRU``, ``RNN``) — and not embeddings (unless
 ``embeddings=True``), norms, biases, positional tables or class tokens. A tensor shared by several modules (tied
 weights) is left dense, so that every module that reads it computes with the same tensor in training and after export.
+
+Weight matrices that another reparametrization computes (``torch.nn.utils.parametrizations.weight_norm``,
+``spectral_norm``, ``orthogonal``, and the older hook-based ``weight_norm``/``spectral_norm``) count among the model's
+matrix weights but stay dense, with the reason in :class:`Coverage`: the mask needs the trained tensor itself.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from lightning_prune.magnitude_mask import MagnitudeMask
 #: Module types whose weight is an embedding table (pruned only with ``embeddings=True``).
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
-_LATENT = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.original$")
-_COMPILED = "_orig_mod"  # torch.compile's wrapper holds the module under this name, which enters the keys
+#: The key of a masked tensor's latent θ in a reparametrized module's state_dict.
+LATENT_KEY = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.original$")
+_RECURRENT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
+#: Reasons (prefixes) for which a matrix weight cannot be masked: another reparametrization computes it.
+UNSUPPORTED_REASONS = ("hook-based", "another parametrization")
+COMPILED = "_orig_mod"  # torch.compile's wrapper holds the module under this name, which enters the keys
 
 
 @dataclass(frozen=True)
@@ -225,9 +234,7 @@ def reparametrize(
     attached = []
     for name, (module, param_name) in prunable_parameters(model, include, exclude, embeddings, select).items():
         if parametrize.is_parametrized(module, param_name):
-            if any(isinstance(p, MagnitudeMask) for p in module.parametrizations[param_name]):
-                continue
-            raise ValueError(f"{name} already has another parametrization; remove it or exclude the tensor.")
+            continue  # masked already (another parametrization is never a candidate)
         _attach(module, param_name, threshold, temperature, grad_temperature, preserve_scale)
         attached.append(name)
     return attached
@@ -249,7 +256,7 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
     modules = dict(model.named_modules())
     attached = []
     for key, value in state_dict.items():
-        match = _LATENT.match(key)
+        match = LATENT_KEY.match(key)
         if match is None or key.replace(".original", ".0.hard") not in state_dict:
             continue  # not a tensor masked by lightning_prune (another parametrization)
         module_name, param_name = match["module"] or "", match["param"]
@@ -258,7 +265,7 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
         masked = module is not None and parametrize.is_parametrized(module, param_name)
         current = module.parametrizations[param_name].original if masked else getattr(module, param_name, None)
         if not isinstance(current, Tensor):
-            if any(_COMPILED in n.split(".") for n in (module_name, *modules)):
+            if any(COMPILED in n.split(".") for n in (module_name, *modules)):
                 raise ValueError(
                     f"The state_dict reparametrizes '{name}' but the model has no such tensor: one of the two comes "
                     "from a torch.compile'd module, whose keys contain '_orig_mod.'. Compile the model the same way "
@@ -270,7 +277,7 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
             raise ValueError(f"'{name}' has shape {tuple(current.shape)} in the model but {tuple(value.shape)} in the "
                              "state_dict: the checkpoint comes from another model.")
         if not masked:
-            parametrize.register_parametrization(module, param_name, MagnitudeMask(current.shape, 1.0), unsafe=True)
+            register_mask(module, param_name, MagnitudeMask(current.shape, 1.0))
             attached.append(name)
     return attached
 
@@ -284,11 +291,18 @@ def _matrix_weights(model: nn.Module, embeddings: bool) -> tuple[dict[str, Tenso
     matrices, why, seen = {}, {}, set()
     for module_name, module in model.named_modules():
         direct = dict(module.named_parameters(recurse=False))
+        other: dict[str, str] = {}  # weights that another reparametrization computes, and which one
         if parametrize.is_parametrized(module):
-            direct.update({n: chain.original for n, chain in module.parametrizations.items()})
-            direct.pop("parametrizations", None)
+            for n, chain in module.parametrizations.items():
+                originals = [t for k, t in chain.named_parameters(recurse=False) if k.startswith("original")]
+                direct[n] = max(originals, key=lambda t: t.numel())
+                kinds = [type(p).__name__ for p in chain if not isinstance(p, MagnitudeMask)]
+                if kinds:
+                    other[n] = f"another parametrization ({', '.join(kinds)})"
+        for hooked, kind in _hooked_weights(module).items():
+            other[hooked] = f"hook-based {kind}"
         for param_name, p in direct.items():
-            if p.dim() < 2 or not (param_name == "weight" or param_name.endswith("_weight")):
+            if p.dim() < 2 or not (param_name in other or _is_matrix_name(param_name)):
                 continue
             name = _join(module_name, param_name)
             if id(p) in seen:  # a tied tensor counts once, under the first name it is found at
@@ -296,13 +310,49 @@ def _matrix_weights(model: nn.Module, embeddings: bool) -> tuple[dict[str, Tenso
             seen.add(id(p))
             matrices[name] = p
             shared = [n for n in owners.get(id(p), []) if not n.startswith(_prefix(module_name))]
-            if shared:
+            if param_name in other:
+                why[name] = other[param_name]
+            elif shared:
                 why[name] = f"shared with {shared[0]}"
             elif isinstance(module, EMBEDDING_TYPES) and not embeddings:
                 why[name] = "embedding"
             else:
                 why[name] = ""
     return matrices, why
+
+
+def _is_matrix_name(param_name: str) -> bool:
+    return param_name == "weight" or param_name.endswith("_weight") or bool(_RECURRENT.match(param_name))
+
+
+def _hooked_weights(module: nn.Module) -> dict[str, str]:
+    """Parameters that a forward pre-hook turns into the weight (``nn.utils.weight_norm``: ``weight_v``;
+    ``nn.utils.spectral_norm``: ``weight_orig``), by parameter name."""
+    found = {}
+    for hook in module._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if kind in ("WeightNorm", "SpectralNorm"):
+            found[f"{hook.name}_v" if kind == "WeightNorm" else f"{hook.name}_orig"] = kind
+    return found
+
+
+def plain_named_parameters(model: nn.Module):
+    """``model.named_parameters()`` with each masked tensor under its plain name: ``"fc.weight"`` for the latent
+    ``"fc.parametrizations.weight.original"``. For ``configure_optimizers`` that sort parameters into groups by name
+    (minGPT's decay / no-decay split, ``"bias" in name``), which would otherwise not recognise the latent.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> _ = reparametrize(model)
+        >>> [name for name, _ in model.named_parameters()]
+        ['0.bias', '0.parametrizations.weight.original']
+        >>> [name for name, _ in plain_named_parameters(model)]
+        ['0.bias', '0.weight']
+    """
+    for name, param in model.named_parameters():
+        match = LATENT_KEY.match(name)
+        yield (_join(match["module"] or "", match["param"]) if match else name), param
 
 
 def _prefix(module_name: str) -> str:
@@ -342,4 +392,25 @@ def _attach(
             factor = (weight.std() / effective.std().clamp_min(1e-12)).item()
             weight.mul_(factor)
             mask.scale.mul_(factor)
+    register_mask(module, param_name, mask)
+
+
+def register_mask(module: nn.Module, param_name: str, mask: MagnitudeMask) -> None:
+    """Register ``mask`` on ``module.<param_name>``. A recurrent layer keeps the weights of its last forward pass in
+    ``_flat_weights``; they are computed tensors that ``copy.deepcopy`` refuses, so they are kept detached."""
     parametrize.register_parametrization(module, param_name, mask, unsafe=True)
+    if isinstance(module, nn.RNNBase) and not getattr(module, "_lightning_prune_detach_hook", False):
+        module.register_forward_hook(_detach_flat_weights)
+        module._lightning_prune_detach_hook = True
+
+
+def _detach_flat_weights(module: nn.RNNBase, args=None, output=None) -> None:
+    # the next forward pass computes them again (the parametrized weights are new tensors on each access)
+    module._flat_weights = [None if w is None else w.detach() for w in module._flat_weights]
+
+
+def detach_recurrent_weights(model: nn.Module) -> None:
+    """Let ``copy.deepcopy(model)`` work: recurrent layers keep computed weights (``module.to`` computes them again)."""
+    for module in model.modules():
+        if getattr(module, "_lightning_prune_detach_hook", False):
+            _detach_flat_weights(module)

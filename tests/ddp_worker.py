@@ -46,7 +46,7 @@ class Recorder(Callback):
             {
                 "global_step": trainer.global_step,
                 "schedule": (
-                    None if self.budget._lambda is None else self.budget._lambda.tolist(),
+                    None if self.budget.budget_loop.latest_lambda is None else self.budget.budget_loop.latest_lambda.tolist(),
                     self.budget.temperature,
                     self.budget.target_keep,
                 ),

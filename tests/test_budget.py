@@ -6,16 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import (
-    BudgetController,
-    budget_count,
-    budget_step,
-    margin_gap,
-    masked_parameters,
-    optimizer_metric,
-    reparametrize,
-)
-from lightning_prune.budget import hard_kept_counts
+from lightning_prune import budget_count, masked_parameters, reparametrize
+from lightning_prune.budget import budget_step, hard_kept_counts, margin_gap, optimizer_metric
+from lightning_prune.budget_controller import BudgetController
 
 
 @pytest.mark.parametrize("total", [15, 35, 135, 1000, 851008])
@@ -67,11 +60,25 @@ def test_budget_step_is_the_proximal_step_of_the_scaled_l1_norm():
     params = masked_parameters(_model())
     before = [p.latent.detach().clone() for p in params]
     rates = torch.tensor([0.3, -0.1])
+    with torch.no_grad():
+        params[1].latent.view(-1)[:5] = 0.0  # zeroed weights
+    before = [p.latent.detach().clone() for p in params]
     budget_step(params, rates)
-    for p, theta, rate in zip(params, before, rates):
-        expected = torch.sign(theta) * (theta.abs() - rate * p.mask.scale).clamp_min(0)
-        torch.testing.assert_close(p.latent.detach(), expected)
+    shrunk = torch.sign(before[0]) * (before[0].abs() - 0.3 * params[0].mask.scale).clamp_min(0)
+    torch.testing.assert_close(params[0].latent.detach(), shrunk)
     assert (params[0].latent == 0).any()  # weights under λ·s reach 0 and stop there (their sign is not flipped)
+    # a growing step scales each magnitude by 1 + |λ|: λ·s at the threshold (|θ| = s), nothing for a zeroed weight
+    torch.testing.assert_close(params[1].latent.detach(), before[1] * 1.1)
+    assert (params[1].latent.view(-1)[:5] == 0).all()
+
+
+def test_a_growing_step_does_not_lift_a_tensors_zeroed_weights_across_the_threshold_together():
+    params = masked_parameters(_model())
+    with torch.no_grad():
+        params[1].latent.view(-1)[: params[1].numel // 2] = 0.0
+    for _ in range(5):
+        budget_step(params, torch.tensor([0.0, -1.0]))  # the largest growth the loop gives (max_step)
+    assert (params[1].latent.view(-1)[: params[1].numel // 2] == 0).all()
 
 
 def test_controller_waits_for_the_target_then_holds_it_from_both_sides():
@@ -216,7 +223,7 @@ def test_budget_step_in_the_metric_shrinks_each_weight_in_proportion_to_its_opti
     lost = old.abs() - new.abs()
     unclipped = new.abs() > 0
     assert float(lost[big & unclipped].mean()) < float(lost[small & unclipped].mean()) / 2
-    # a growing step (λ < 0) is uniform
+    # a growing step (λ < 0) is not in the metric: each magnitude grows by the factor 1 + |λ|
     before = params[1].latent.detach().clone()
     budget_step(params, torch.tensor([0.0, -0.1]), metric=metric)
-    torch.testing.assert_close(params[1].latent.detach().abs(), before.abs() + 0.1 * params[1].mask.scale)
+    torch.testing.assert_close(params[1].latent.detach().abs(), before.abs() * 1.1)

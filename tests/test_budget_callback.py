@@ -8,15 +8,15 @@ from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
 from lightning_prune import (
     BudgetCallback,
+    LoopSettings,
     NonFiniteError,
     PrunedClassifier,
     budget_count,
-    budget_step,
     masked_parameters,
     reparametrize,
 )
 from lightning_prune.backbones import Conv4
-from lightning_prune.budget import layer_floor
+from lightning_prune.budget import budget_step, layer_floor
 from lightning_prune.data import DigitsDataModule
 
 
@@ -26,22 +26,40 @@ from lightning_prune.data import DigitsDataModule
         (dict(sparsity=1.0), r"\[0, 1\)"),
         (dict(sparsity=-0.5), r"\[0, 1\)"),
         (dict(sparsity=True), r"\[0, 1\)"),
-        (dict(temperature_start=0.1, temperature_end=0.5), "temperature_end"),
-        (dict(temperature_end=0.0), "temperature_end"),
-        (dict(target_start=0.8, target_end=0.5), "target_start"),
+        (dict(target_end=0.0), "target_end"),
+        (dict(loop=dict(temperature_end=0.1)), "LoopSettings"),
         (dict(target_schedule="exp"), "target_schedule"),
         (dict(mode="per_layer"), "mode"),
         (dict(min_layer_keep=2.0), "min_layer_keep"),
         (dict(include="features.*"), "list of patterns"),
         (dict(total_steps=0), "total_steps"),
-        (dict(response_steps=0), "response_steps"),
-        (dict(max_step=-1.0), "max_step"),
-        (dict(recalibration_batches=0), "recalibration_batches"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BudgetCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature_start=0.1, temperature_end=0.5), "temperature_end"),
+        (dict(temperature_end=0.0), "temperature_end"),
+        (dict(target_start=1.5), "target_start"),
+        (dict(response_steps=0), "response_steps"),
+        (dict(max_step=-1.0), "max_step"),
+        (dict(exempt_share=1.0), "exempt_share"),
+        (dict(recalibration_batches=0), "recalibration_batches"),
+    ],
+)
+def test_bad_loop_settings_fail_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoopSettings(**kwargs)
+
+
+def test_target_start_after_target_end_is_refused():
+    with pytest.raises(ValueError, match="target_start"):
+        BudgetCallback(target_end=0.5, loop=LoopSettings(target_start=0.8))
 
 
 class _SGD(PlainClassifier):
@@ -69,8 +87,8 @@ def test_a_plain_module_reaches_the_budget_before_the_cut_under_adam_and_sgd(mak
     opt_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p.latent) in opt_params for p in params)  # the optimizer was built after reparametrization
     report = callback.report
-    assert abs(report["kept_hard_before"] / 0.1 - 1) < 0.1
-    before, after = report["val_before_cut"]["val_acc"], report["val_after_cut"]["val_acc"]
+    assert abs(report.kept_hard_before / 0.1 - 1) < 0.1
+    before, after = report.val_before_cut["val_acc"], report.val_after_cut["val_acc"]
     assert after >= before - 0.01 and after > 0.7  # it learned, and the cut did not cost accuracy
     assert not [w for w in caught if "BudgetCallback" in str(w.message)]  # nothing wrong: nothing said
 
@@ -92,9 +110,9 @@ def test_a_fit_stopped_early_warns_with_the_figures_and_still_meets_the_budget()
     with pytest.warns(UserWarning, match=r"just before the cut .* Fit ended at step 30 of the 200 planned"):
         trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
     total = sum(p.numel for p in masked_parameters(model))
-    assert callback.report["kept"] == budget_count(total, 0.9)
-    assert callback.report["step"] == 30 and callback.report["planned_steps"] == 200
-    assert callback.report["kept_hard_before"] > 0.2
+    assert callback.report.kept == budget_count(total, 0.9)
+    assert callback.report.step == 30 and callback.report.planned_steps == 200
+    assert callback.report.kept_hard_before > 0.2
 
 
 def test_a_run_of_unknown_length_is_refused_before_the_module_changes():
@@ -202,7 +220,7 @@ def test_an_explicit_floor_is_used_as_given():
     (lambda: _SGD(lr=1e-2), True, False),
 ], ids=["adam", "adam-uniform", "sgd"])
 def test_the_budget_step_is_taken_in_adams_metric_and_uniform_under_sgd(monkeypatch, make, precondition, metric):
-    import lightning_prune.budget_callback as budget_callback
+    import lightning_prune.budget_loop as budget_loop
 
     seen = []
 
@@ -210,10 +228,10 @@ def test_the_budget_step_is_taken_in_adams_metric_and_uniform_under_sgd(monkeypa
         seen.append(metric)
         return budget_step(params, rates, exempt_above, metric)
 
-    monkeypatch.setattr(budget_callback, "budget_step", spy)
+    monkeypatch.setattr(budget_loop, "budget_step", spy)
     torch.manual_seed(0)
     module = make()
-    trainer = quiet_trainer(max_steps=4, callbacks=[BudgetCallback(sparsity=0.9, precondition=precondition)])
+    trainer = quiet_trainer(max_steps=4, callbacks=[BudgetCallback(sparsity=0.9, loop=LoopSettings(precondition=precondition))])
     trainer.fit(module, DigitsDataModule(image_size=16, batch_size=64))
     assert len(seen) == 4 and seen[0] is None  # the first step: Adam has no state yet
     state = trainer.optimizers[0].state

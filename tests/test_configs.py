@@ -110,6 +110,20 @@ def test_sparsity_override_on_the_command_line(name, tmp_path, monkeypatch):
     assert [cb.sparsity for cb in trainer.callbacks if isinstance(cb, BudgetCallback)] == [0.95]
 
 
+def test_loop_settings_are_set_from_the_command_line_and_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_prune.BudgetCallback\n      init_args:\n"
+        "        sparsity: 0.8\n        loop:\n          temperature_end: 0.01\n          response_steps: 4\n"
+    )
+    args = ["--config", config("quickstart"), "--config", str(tmp_path / "loop.yaml")]
+    (budget,) = [cb for cb in PruneCLI(args=args, run=False).trainer.callbacks if isinstance(cb, BudgetCallback)]
+    assert (budget.sparsity, budget.loop.temperature_end, budget.loop.response_steps) == (0.8, 0.01, 4)
+    args = ["--config", config("quickstart"), "--trainer.callbacks.init_args.loop.temperature_end", "0.03"]
+    (budget,) = [cb for cb in PruneCLI(args=args, run=False).trainer.callbacks if isinstance(cb, BudgetCallback)]
+    assert budget.loop.temperature_end == 0.03 and budget.loop.temperature_start == 0.5
+
+
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_print_config(name, capsys):
     with pytest.raises(SystemExit) as stop:

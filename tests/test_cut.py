@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from plain_modules import CrashAt, PlainClassifier, quiet_trainer
 from torch import nn
 
-from lightning_prune import BudgetCallback, budget_count, masked_parameters
+from lightning_prune import BudgetCallback, LoopSettings, budget_count, masked_parameters
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.module_passes import recalibrate_batchnorm
 
@@ -37,7 +37,7 @@ def _kept(model):
 def test_batchnorm_recalibration_changes_running_statistics_only():
     torch.manual_seed(0)
     model = _BNClassifier()
-    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5, finalize_on_fit_end=False)])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5, loop=LoopSettings(finalize_on_fit_end=False))])
     trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
     bn = model.net[1]
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -58,16 +58,16 @@ def test_the_report_holds_the_modules_metric_before_after_the_cut_and_after_reca
     callback = BudgetCallback(sparsity=0.8)
     quiet_trainer(max_epochs=4, callbacks=[callback]).fit(model, DigitsDataModule(image_size=16, batch_size=64))
     report = callback.report
-    assert set(report["val_before_cut"]) == set(report["val_after_cut"]) == set(report["val_after_recalibration"])
-    assert "val_acc" in report["val_after_recalibration"] and "train_loss" not in report["val_after_recalibration"]
-    assert report["kept"] == budget_count(report["total"], 0.8) == _kept(model)[0]
+    assert set(report.val_before_cut) == set(report.val_after_cut) == set(report.val_after_recalibration)
+    assert "val_acc" in report.val_after_recalibration and "train_loss" not in report.val_after_recalibration
+    assert report.kept == budget_count(report.total, 0.8) == _kept(model)[0]
 
 
 def test_without_batchnorm_or_when_turned_off_nothing_is_recalibrated():
     torch.manual_seed(0)
     callback = BudgetCallback(sparsity=0.8, recalibrate_batchnorm=False)
     quiet_trainer(max_epochs=2, callbacks=[callback]).fit(_BNClassifier(), DigitsDataModule(image_size=16))
-    assert callback.report["val_after_recalibration"] == {}
+    assert callback.report.val_after_recalibration == {}
 
 
 def test_early_stopping_ends_the_fit_at_the_budget_with_a_warning():
@@ -79,7 +79,7 @@ def test_early_stopping_ends_the_fit_at_the_budget_with_a_warning():
         quiet_trainer(max_epochs=10, callbacks=[callback, stop]).fit(model, DigitsDataModule(image_size=16))
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.9) and all(bool(p.mask.hard) for p in masked_parameters(model))
-    assert callback.report["step"] == 20 and callback.report["kept_hard_before"] > 0.2
+    assert callback.report.step == 20 and callback.report.kept_hard_before > 0.2
 
 
 def test_max_time_with_total_steps_reaches_the_budget_before_the_cut():
@@ -91,8 +91,8 @@ def test_max_time_with_total_steps_reaches_the_budget_before_the_cut():
         warnings.simplefilter("always")
         trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
     assert not [w for w in caught if "BudgetCallback" in str(w.message)]
-    assert abs(callback.report["kept_hard_before"] / 0.1 - 1) < 0.1
-    assert callback.report["step"] == 120
+    assert abs(callback.report.kept_hard_before / 0.1 - 1) < 0.1
+    assert callback.report.step == 120
 
 
 def test_an_interrupted_fit_is_not_finalised_and_resumes_to_the_budget(tmp_path):
@@ -104,7 +104,7 @@ def test_an_interrupted_fit_is_not_finalised_and_resumes_to_the_budget(tmp_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
     assert not callback.finalized and not any(bool(p.mask.hard) for p in masked_parameters(model))
-    assert callback.report.get("kept") is None  # no cut happened
+    assert not callback.report.cut_done and callback.report.kept == 0  # no cut happened
     (ckpt,) = tmp_path.rglob("*.ckpt")
     resumed, callback = PlainClassifier(), BudgetCallback(sparsity=0.9)
     quiet_trainer(max_epochs=6, callbacks=[callback]).fit(resumed, DigitsDataModule(image_size=16, batch_size=64),
@@ -122,7 +122,7 @@ def test_the_passes_at_the_cut_leave_the_epochs_metrics_as_they_were():
     torch.manual_seed(0)
     model = PrunedClassifier(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)),
                              num_classes=10)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5, finalize_on_fit_end=False)])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5, loop=LoopSettings(finalize_on_fit_end=False))])
     trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
     metrics = [m for m in model.modules() if hasattr(m, "compute") and hasattr(m, "update")]
     batch = next(iter(trainer.train_dataloader))

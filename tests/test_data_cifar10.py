@@ -278,7 +278,7 @@ def test_short_fit(data_dir, backbone, one_thread):
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and budget.finalized
-    assert (budget.report["kept"], budget.report["total"]) == (kept, total)  # exactly the budget, not just under it
+    assert (budget.report.kept, budget.report.total) == (kept, total)  # exactly the budget, not just under it
     assert count_nonzero_weights(make_permanent(model.backbone, inplace=False)) == kept
 
 

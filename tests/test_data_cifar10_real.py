@@ -162,7 +162,7 @@ def test_conv4_learns_real_cifar10_while_pruned_to_budget(tmp_path):
     )
     trainer.fit(model, datamodule=dm)
     assert budget.finalized
-    assert (budget.report["kept"], budget.report["total"]) == (kept, total)
+    assert (budget.report.kept, budget.report.total) == (kept, total)
     assert count_nonzero_weights(make_permanent(model.backbone, inplace=False)) == kept
     accuracy = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert len(dm.test_set) == 800

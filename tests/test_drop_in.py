@@ -95,7 +95,7 @@ def test_lightning_demo_transformer_with_a_validation_step(tmp_path):
     names = [p.name for p in masked_parameters(model)]
     assert "model.transformer.encoder.layers.0.self_attn.in_proj_weight" in names
     assert coverage(model).share_of_matrix_weights > 0.9
-    assert set(callback.report["val_after_cut"]) == {"val_loss"}  # measured through the module's own step
+    assert set(callback.report.val_after_cut) == {"val_loss"}  # measured through the module's own step
     inputs, target = next(iter(model.val_dataloader()))
     _assert_export_matches(model.model, inputs, target)
 
@@ -143,7 +143,7 @@ def test_a_tied_embedding_language_model_with_flattened_logits_exports_what_it_t
     assert model.decoder.weight is model.embed.weight and bool((model.embed.weight != 0).all())
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.9)
-    assert "shared with" in callback.report["coverage"]
+    assert "shared with" in callback.report.coverage
     _assert_export_matches(model, next(iter(val))[0], tmp_path=tmp_path)
 
 
@@ -190,7 +190,7 @@ def test_torchvision_models(arch, tmp_path):
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.9)
     assert coverage(model).share_of_matrix_weights > 0.99
-    assert callback.report["val_after_recalibration"]  # BatchNorm re-estimated and measured after the cut
+    assert callback.report.val_after_recalibration  # BatchNorm re-estimated and measured after the cut
     _assert_export_matches(model, next(iter(val))[0], tmp_path=tmp_path)
 
 
@@ -285,4 +285,4 @@ def test_accumulation_and_bf16_reach_the_budget():
     trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.9)
-    assert abs(callback.report["kept_hard_before"] / 0.1 - 1) < 0.1
+    assert abs(callback.report.kept_hard_before / 0.1 - 1) < 0.1

@@ -15,10 +15,12 @@ def _state(path) -> dict:
     return torch.load(path, weights_only=False)
 
 
-def _hard_and_kept(state_dict: dict) -> tuple[bool, int, int]:
-    hard = [v for k, v in state_dict.items() if k.endswith(".parametrizations.weight.0.hard")]
-    masks = [v for k, v in state_dict.items() if k.endswith(".parametrizations.weight.0.mask")]
-    return all(bool(h) for h in hard), sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+def _hard_and_kept(checkpoint: dict) -> tuple[bool, int, int]:
+    """Whether every mask is hard, and the non-zero weights among the masked ones, in the plain layout."""
+    masks = checkpoint["lightning_prune"]["masks"]
+    weights = [checkpoint["state_dict"][name] for name in masks]
+    hard = all(bool(entry["hard"]) for entry in masks.values())
+    return hard, sum(int((w != 0).sum()) for w in weights), sum(w.numel() for w in weights)
 
 
 @pytest.mark.parametrize("save_last", [True, "link"])
@@ -38,6 +40,6 @@ def test_last_checkpoint_is_the_finalised_network_when_the_monitor_stopped_impro
     assert not os.path.islink(last_path)
     last = _state(last_path)
     assert last["global_step"] == trainer.global_step
-    hard, kept, total = _hard_and_kept(last["state_dict"])
+    hard, kept, total = _hard_and_kept(last)
     assert hard and kept == budget_count(total, 0.8)
-    assert not _hard_and_kept(_state(checkpoint.best_model_path)["state_dict"])[0]  # the top-k file is untouched
+    assert not _hard_and_kept(_state(checkpoint.best_model_path))[0]  # the top-k file is untouched

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from lightning_prune import MagnitudeMask
+from lightning_prune.magnitude_mask import MagnitudeMask
 
 
 def _masked_linear(temperature: float, grad_temperature: float = 0.1, threshold: float = 1.0):

@@ -138,10 +138,12 @@ def test_kept_share_image_per_epoch_and_threshold_after_finalisation(run):
     assert inspector.state_dict() == {"inspected_hard": True}
 
 
-def test_finalisation_after_the_last_inspection_is_inspected_at_train_end(tmp_path):
+@pytest.mark.parametrize("inspector_first", [False, True])
+def test_finalisation_after_the_last_inspection_is_inspected_at_train_end(tmp_path, inspector_first):
     pl.seed_everything(0)
     logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = _trainer(logger, [BudgetCallback(sparsity=SPARSITY), PruningInspector(every_n_epochs=2)], max_epochs=3)
+    callbacks = [BudgetCallback(sparsity=SPARSITY), PruningInspector(every_n_epochs=2)]
+    trainer = _trainer(logger, callbacks[::-1] if inspector_first else callbacks, max_epochs=3)
     trainer.fit(_tiny_model(), DigitsDataModule(image_size=8, batch_size=64))
     events = _read_events(trainer.log_dir)
     assert [img.step for img in events["images"]["inspect/kept_share"]] == [6, 9]  # epoch 2, then at train end

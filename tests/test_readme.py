@@ -18,11 +18,11 @@ def test_callback_example_reaches_the_exact_budget(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(block.replace("max_epochs=10", "max_epochs=3"), "README.md", "exec"), scope)
     report = scope["budget"].report
-    assert report["kept"] == round(0.1 * report["total"])
-    assert set(report["val_before_cut"]) == set(report["val_after_cut"]) == {"val_acc"}  # the module's own metric
+    assert report.kept == round(0.1 * report.total)
+    assert set(report.val_before_cut) == set(report.val_after_cut) == {"val_acc"}  # the module's own metric
     assert os.path.exists(tmp_path / "my_pruned_net.pt")
     weights = [m.weight for m in scope["plain"].modules() if hasattr(m, "weight") and m.weight.dim() > 1]
-    assert sum(int((w != 0).sum()) for w in weights) == report["kept"]
+    assert sum(int((w != 0).sum()) for w in weights) == report.kept
 
 
 def test_ci_runs_the_readmes_two_set_up_commands():

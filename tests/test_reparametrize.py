@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import coverage, masked_parameters, prunable_parameters, reparametrize, reparametrize_like
+from lightning_prune import coverage, masked_parameters, reparametrize, reparametrize_like
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
+from lightning_prune.reparametrize import prunable_parameters
 
 
 def _count(model):

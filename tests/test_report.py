@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_prune import budget_count, finalize, reparametrize, save_pruned
+from lightning_prune.checkpoint_format import reparametrized_state_dict
 from lightning_prune.cli import PruneCLI
 from lightning_prune.report import main, pruning_report
 
@@ -100,7 +101,7 @@ def test_checkpoint_of_a_cli_run_needs_no_flags(run, tmp_path, capsys):
     assert report.input_size == (1, 8, 8)
     # one row per masked tensor, named <module>.<param>; kept counts are the masks' sums
     checkpoint = torch.load(final, weights_only=True)
-    assert {name: row.kept for name, row in rows.items()} == _mask_sums(checkpoint["state_dict"], "backbone.")
+    assert {name: row.kept for name, row in rows.items()} == _mask_sums(reparametrized_state_dict(checkpoint), "backbone.")
     assert list(rows) == list(HAND_DENSE_MACS)
     # MACs of every tensor equal the hand count; pruned MACs count only the kept weights
     assert {name: row.dense_macs for name, row in rows.items()} == HAND_DENSE_MACS
@@ -146,7 +147,7 @@ def test_soft_checkpoint_counts_weights_above_the_threshold(run):
     _, soft = run
     report = pruning_report(soft)
     assert report.masks == "soft"
-    state = torch.load(soft, weights_only=True)["state_dict"]
+    state = reparametrized_state_dict(torch.load(soft, weights_only=True))
     for row in report.tensors:
         prefix = f"backbone.{row.module_name}.parametrizations.{row.param_name}."
         theta, scale, c = state[prefix + "original"], state[prefix + "0.scale"], state[prefix + "0.threshold"]

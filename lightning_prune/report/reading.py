@@ -17,19 +17,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_prune.checkpoint_format import reparametrized_state_dict
+from lightning_prune.cut_report import CutReport
 from lightning_prune.export import COMPACT_FORMAT, load_pruned
 from lightning_prune.magnitude_mask import MagnitudeMask
+from lightning_prune.reparametrize import COMPILED, LATENT_KEY
 from lightning_prune.report.errors import EXPECTED, ReportError
 from lightning_prune.report.table import PruningReport, TensorRow
 
-_LATENT = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.original$")
 #: Names of the tensors lightning_prune's rule selects (``weight`` or ``*_weight``), for files without masks.
 _WEIGHT_NAME = re.compile(r"(?:^|\.)(?:[^.]*_)?weight$")
 _MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _BUFFER = re.compile(r"^(?P<base>(?:.+\.)?parametrizations\.[^.]+\.)0\.(?P<buffer>[^.]+)$")
-_CUT_KEYS = {"before": "val_before_cut", "after": "val_after_cut", "after_recalibration": "val_after_recalibration"}
 _BACKBONE = "backbone."
-_COMPILED = "_orig_mod"  # torch.compile's wrapper holds the module under this name, which enters the keys
 
 
 class Reading(NamedTuple):
@@ -56,7 +56,7 @@ def read(path: Path) -> Reading:
             )
         return _plain(path, _uncompiled(load_pruned(path)), "compact export", str(payload.get("class", "Module")))
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
-        state = _uncompiled(payload["state_dict"])
+        state = _uncompiled(reparametrized_state_dict(payload))
         if not masked_tensors(state):
             raise ReportError(
                 f"{path} is a Lightning checkpoint but holds no tensor masked by lightning_prune (no "
@@ -92,7 +92,7 @@ def masked_tensors(state: Mapping[str, Any]) -> dict[str, str]:
     """
     found = {}
     for key in state:
-        match = _LATENT.match(key)
+        match = LATENT_KEY.match(key)
         # another parametrization (weight_norm, orthogonal) has no MagnitudeMask buffers
         if match is not None and key.replace(".original", ".0.hard") in state:
             module = match["module"]
@@ -125,7 +125,7 @@ def _load(path: Path) -> Any:
 
 def _uncompiled(state: Mapping[str, Any]) -> dict[str, Any]:
     """The keys without torch.compile's ``_orig_mod.``, so that they name the tensors of the plain module."""
-    return {".".join(p for p in key.split(".") if p != _COMPILED): value for key, value in state.items()}
+    return {".".join(p for p in key.split(".") if p != COMPILED): value for key, value in state.items()}
 
 
 def _masked(path: Path, state: dict[str, Tensor], kind: str) -> Reading:
@@ -197,13 +197,10 @@ def _read_callback_state(report: PruningReport, payload: Mapping[str, Any]) -> N
     if not isinstance(budget, Mapping):
         return
     report.sparsity = budget.get("sparsity")
-    final = budget.get("report") or {}
-    report.finalized_step = final.get("step")
-    report.coverage = final.get("coverage")
-    for stage, key in _CUT_KEYS.items():
-        metrics = final.get(key)
-        if isinstance(metrics, Mapping) and metrics:
+    final = CutReport.from_dict(budget.get("report") or {})
+    report.finalized_step = final.step
+    report.coverage = final.coverage or None
+    for stage, metrics in (("before", final.val_before_cut), ("after", final.val_after_cut),
+                           ("after_recalibration", final.val_after_recalibration)):
+        if metrics:
             report.cut_metrics[stage] = {str(k): float(v) for k, v in metrics.items()}
-    if not report.cut_metrics and final.get("acc_soft") is not None and final.get("acc_hard") is not None:
-        # older checkpoints kept only the top-1 accuracy before and after the cut
-        report.cut_metrics = {"before": {"val/acc": final["acc_soft"]}, "after": {"val/acc": final["acc_hard"]}}

@@ -1,0 +1,176 @@
+"""Checkpoints of a pruned run in the network's own names, so that they load anywhere a Lightning checkpoint loads.
+
+A checkpoint written while :class:`~lightning_prune.BudgetCallback` is attached holds, under ``"state_dict"``, each
+masked tensor under its plain name (``"backbone.l1.weight"``) with the weight the network computes with (``θ ⊙ M``
+once the masks are hard, ``θ·h_T(θ)`` before), so ``MyModule.load_from_checkpoint(path)`` and
+``trainer.test(ckpt_path=path)`` work in a new process with no lightning_prune code. What the budget needs to go on
+training (the latent θ before the cut, each mask's buffers) sits beside it under ``checkpoint["lightning_prune"]``;
+the callback reads it back at ``setup`` when a run resumes or evaluates from that file.
+
+Example:
+    >>> import torch
+    >>> from lightning_prune import finalize, reparametrize
+    >>> trained = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> _ = reparametrize(trained)
+    >>> _ = finalize(trained, sparsity=0.75)
+    >>> checkpoint = {"state_dict": trained.state_dict()}
+    >>> to_plain_checkpoint(checkpoint, trained)
+    >>> sorted(checkpoint["state_dict"])  # a plain nn.Linear loads it
+    ['0.bias', '0.weight']
+    >>> plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> plain.load_state_dict(checkpoint["state_dict"])
+    <All keys matched successfully>
+    >>> int((plain[0].weight != 0).sum())
+    16
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_prune.magnitude_mask import MagnitudeMask
+from lightning_prune.reparametrize import masked_parameters, register_mask
+
+#: The checkpoint's entry that holds the masks (and the latents before the cut).
+CHECKPOINT_KEY = "lightning_prune"
+MASK_BUFFERS = ("scale", "threshold", "temperature", "grad_temperature", "hard", "mask")
+
+
+def _latent_key(name: str) -> str:
+    module_name, _, param_name = name.rpartition(".")
+    return f"{module_name}.parametrizations.{param_name}." if module_name else f"parametrizations.{param_name}."
+
+
+@torch.no_grad()
+def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
+    """Rewrite ``checkpoint["state_dict"]`` (``model``'s) in place: plain weights under the plain names, the masks
+    under ``checkpoint["lightning_prune"]["masks"]``. Tensors absent from the state_dict (a sharded one) are left."""
+    state = checkpoint["state_dict"]
+    masks = {}
+    for p in masked_parameters(model):
+        prefix = _latent_key(p.name)
+        if prefix + "original" not in state:
+            continue
+        entry = {key: state.pop(prefix + "0." + key) for key in MASK_BUFFERS}
+        latent = state.pop(prefix + "original")
+        hard = bool(entry["hard"])
+        if not hard:
+            entry["original"] = latent
+            del entry["mask"]  # all ones before the cut
+        state[p.name] = getattr(p.module, p.param_name).detach().to(latent.dtype)  # the weight the network uses
+        masks[p.name] = entry
+    if masks:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["masks"] = masks
+
+
+def checkpoint_masks(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """The masks a checkpoint written by :func:`to_plain_checkpoint` holds, ``{tensor name: buffers}``."""
+    section = checkpoint.get(CHECKPOINT_KEY)
+    return dict(section.get("masks", {})) if isinstance(section, Mapping) else {}
+
+
+def attach_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
+    """Attach a :class:`MagnitudeMask` to each tensor of ``model`` named in ``masks`` that has none yet (their buffers
+    come with the ``load_state_dict`` that follows). Returns the names attached.
+
+    Raises:
+        ValueError: naming the tensor, when the model has no such tensor or it has another shape (another model),
+            before anything is changed.
+    """
+    targets = []
+    for name, entry in masks.items():
+        module_name, _, param_name = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        tensor = _plain_or_latent(module, param_name)
+        if tensor is None:
+            raise ValueError(
+                f"The checkpoint prunes '{name}' but {type(model).__name__} has no such tensor: the checkpoint comes "
+                "from another architecture (or a torch.compile'd one: its keys hold '_orig_mod.')."
+            )
+        saved = entry.get("mask", entry.get("original"))
+        if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"'{name}' has shape {tuple(tensor.shape)} in the model but {tuple(saved.shape)} in the checkpoint: "
+                "the checkpoint comes from another model."
+            )
+        targets.append((name, module, param_name, tensor))
+    attached = []
+    for name, module, param_name, tensor in targets:
+        if not _is_masked(module, param_name):
+            register_mask(module, param_name, MagnitudeMask(tensor.shape, 1.0))
+            attached.append(name)
+    return attached
+
+
+class PlainLayoutLoader:
+    """``load_state_dict`` pre-hook of a module trained with masks: a checkpoint in the plain layout
+    (:func:`to_plain_checkpoint`) loads into it. The masks come from the checkpoint its Trainer is loading (tensors
+    that have none yet get one); a masked tensor that the checkpoint holds plain takes the plain weight as θ.
+
+    Args:
+        model: the module (the hook is registered on it); its Trainer, when it has one, is looked up at load time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        connector = getattr(getattr(self.model, "_trainer", None), "_checkpoint_connector", None)
+        masks = checkpoint_masks(getattr(connector, "_loaded_checkpoint", None) or {})
+        attach_masks(self.model, {n: e for n, e in masks.items() if prefix + n in state_dict})
+        for p in masked_parameters(self.model):
+            defaults = {key: getattr(p.mask, key) for key in MASK_BUFFERS}
+            _to_latent(state_dict, prefix, p.name, masks.get(p.name, {}), defaults)
+
+
+def loads_plain_layout(model: nn.Module) -> None:
+    """Register :class:`PlainLayoutLoader` on ``model`` (once)."""
+    if not any(isinstance(h, PlainLayoutLoader) for h in model._load_state_dict_pre_hooks.values()):
+        model._register_load_state_dict_pre_hook(PlainLayoutLoader(model))
+
+
+def _to_latent(
+    state: dict[str, Tensor], prefix: str, name: str, entry: Mapping[str, Tensor], defaults: Mapping[str, Tensor]
+) -> None:
+    """Put the plain entry ``name`` of ``state`` back in the reparametrized layout, in place."""
+    plain, latent = prefix + name, prefix + _latent_key(name)
+    if plain not in state or latent + "original" in state:
+        return
+    weight = state.pop(plain)
+    state[latent + "original"] = entry.get("original", weight)
+    for key in MASK_BUFFERS:
+        default = torch.ones(weight.shape, dtype=torch.bool) if key == "mask" else defaults[key]
+        state[latent + "0." + key] = entry.get(key, default)
+
+
+def reparametrized_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The checkpoint's ``state_dict`` in the layout of the reparametrized module (``...parametrizations.weight.
+    original`` and the mask's buffers), whichever layout it was saved in."""
+    state = dict(checkpoint["state_dict"])
+    defaults = {key: torch.tensor(False) if key == "hard" else torch.tensor(1.0) for key in MASK_BUFFERS}
+    for name, entry in checkpoint.get(CHECKPOINT_KEY, {}).get("masks", {}).items():
+        _to_latent(state, "", name, entry, defaults)
+    return state
+
+
+def _is_masked(module: nn.Module, param_name: str) -> bool:
+    return parametrize.is_parametrized(module, param_name) and any(
+        isinstance(p, MagnitudeMask) for p in module.parametrizations[param_name]
+    )
+
+
+def _plain_or_latent(module: nn.Module | None, param_name: str) -> Tensor | None:
+    if module is None:
+        return None
+    if parametrize.is_parametrized(module, param_name):
+        return getattr(module.parametrizations[param_name], "original", None)
+    tensor = getattr(module, param_name, None)
+    return tensor if isinstance(tensor, Tensor) else None
