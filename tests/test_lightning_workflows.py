@@ -417,3 +417,36 @@ def test_name_based_parameter_groups_see_the_plain_names():
     assert {id(p.latent) for p in masked_parameters(model)} <= {id(p) for p in decay}
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.9)
+
+
+# ------------------------------------------------------------------ LightningCLI: fit, then test in a new process
+_USER_CLI = """
+from lightning.pytorch.cli import LightningCLI
+from plain_modules import PlainClassifier
+from lightning_prune.data import DigitsDataModule
+
+if __name__ == "__main__":
+    LightningCLI(PlainClassifier, DigitsDataModule, save_config_kwargs={"overwrite": True})
+"""
+
+
+def test_a_users_lightning_cli_fits_with_the_callback_then_validates_the_checkpoint_in_a_new_process(tmp_path):
+    script = tmp_path / "my_cli.py"
+    script.write_text(_USER_CLI)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    common = ["--data.image_size", "16", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"]
+    fit = [sys.executable, str(script), "fit", *common, "--trainer.max_epochs", "2", "--trainer.limit_train_batches",
+           "6", "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=lightning_prune.BudgetCallback",
+           "--trainer.callbacks.sparsity", "0.8"]
+    done = subprocess.run(fit, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (config,) = tmp_path.rglob("config.yaml")
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    validate = [sys.executable, str(script), "validate", "--config", str(config), "--ckpt_path", str(ckpt)]
+    done = subprocess.run(validate, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "val_acc" in done.stdout
+    checkpoint = torch.load(ckpt, weights_only=False)
+    weights = [checkpoint["state_dict"][name] for name in checkpoint["lightning_prune"]["masks"]]
+    assert sum(int((w != 0).sum()) for w in weights) == budget_count(sum(w.numel() for w in weights), 0.8)
