@@ -33,6 +33,8 @@ MIN_SAMPLES_PER_TENSOR = 256
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "square_avg", "sum")
 #: Weights whose score is within this factor of the threshold set the metric's reference (:func:`optimizer_metric`).
 MARGIN_BAND = 1.5
+#: Lowest threshold a tensor near its floor computes with, as a share of ``c`` (:func:`floor_threshold`).
+FLOOR_THRESHOLD_MIN = 0.5
 #: Smallest metric reference; a weight's step in the metric is at most 10⁶ times the step at the reference.
 REFERENCE_FLOOR = 1e-30
 
@@ -89,12 +91,14 @@ class MarginSample(NamedTuple):
 
 @torch.no_grad()
 def floor_threshold(param: MaskedParameter, floor: int, threshold: float) -> Tensor:
-    """The threshold that keeps a tensor's ``floor`` largest scores in use: ``min(c, the (floor+1)-th largest
-    score)`` (a 0-dim tensor on θ's device), so that training uses the weights the cut's floor will keep."""
+    """The threshold that keeps a tensor's ``floor`` largest scores in use: ``the (floor+1)-th largest score`` between
+    ``FLOOR_THRESHOLD_MIN·c`` and ``c`` (a 0-dim tensor on θ's device), so that training uses the weights the cut's
+    floor will keep. The lower bound keeps a collapsed tensor, whose weights all sit near 0 and move with the
+    optimizer's noise, from putting every one of them in use at once (a threshold at the noise, or at 0 on ties)."""
     scores = param.mask.score(param.latent).reshape(-1)
     if floor >= scores.numel():
         return torch.zeros((), device=scores.device, dtype=scores.dtype)
-    return torch.kthvalue(scores, scores.numel() - floor).values.clamp(max=threshold)
+    return torch.kthvalue(scores, scores.numel() - floor).values.clamp(FLOOR_THRESHOLD_MIN * threshold, threshold)
 
 
 @torch.no_grad()

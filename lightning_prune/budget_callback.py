@@ -79,7 +79,8 @@ class BudgetCallback(Callback):
         embeddings: also prune embedding tables.
         total_steps: optimizer steps the schedules span; default the steps the Trainer will take
             (``estimated_stepping_batches``; under manual optimization, measured in the first epoch).
-        recalibrate_batchnorm: after the cut, re-estimate BatchNorm statistics (when the model has BatchNorm).
+        recalibrate_batchnorm: re-estimate BatchNorm statistics (when the model has BatchNorm) after the cut and,
+            while pruning, before each end-of-epoch validation, so the metrics it logs describe the network it runs.
         measure_cut: run the module's ``validation_step`` before and after the cut and report what it logs.
         check_finite: stop with :class:`~lightning_prune.NonFiniteError` on a non-finite loss or latent weight.
         loop: the closed loop's settings (:class:`~lightning_prune.LoopSettings`); the defaults are measured.
@@ -303,6 +304,16 @@ class BudgetCallback(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
             self._harden_soft_checkpoint(trainer, pl_module)
+        elif self._recalibrates_before(trainer, pl_module):
+            # while pruning, a channel whose weights leave or come back has running statistics of another network:
+            # re-estimate them, so the epoch's validation (EarlyStopping, ModelCheckpoint) sees the network it runs
+            recalibrate_batchnorm(trainer, pl_module, self.loop.recalibration_batches)
+
+    def _recalibrates_before(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        # at the end of an epoch only: a second pass over the training loader mid-epoch would reset its iterator
+        return (self.recalibrate_batchnorm and not self.finalized and not trainer.sanity_checking
+                and trainer.state.fn == TrainerFn.FITTING and bool(getattr(trainer, "is_last_batch", False))
+                and has_batchnorm(pl_module))
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._harden_soft_checkpoint(trainer, pl_module)

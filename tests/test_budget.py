@@ -115,8 +115,9 @@ def test_floor_threshold_puts_exactly_the_floors_largest_weights_in_use():
     params = masked_parameters(_model())
     p = params[1]
     with torch.no_grad():
-        p.latent.mul_(0.01)  # every score far under c = 1: nothing in use
+        p.latent.mul_(0.95 / float(p.mask.score(p.latent).max()))  # every score under c = 1: nothing in use
     assert int(p.mask.hard_gate(p.latent).sum()) == 0
+    assert int((p.mask.score(p.latent) > 0.5).sum()) > 50  # the premise: the floor's weights are above the lower bound
     threshold = floor_threshold(p, 50, 1.0)
     assert float(threshold) < 1.0
     p.mask.threshold.copy_(threshold)
@@ -126,6 +127,23 @@ def test_floor_threshold_puts_exactly_the_floors_largest_weights_in_use():
     assert float(scores[kept].min()) >= float(scores[~kept].max())  # the 50 largest
     q = params[0]  # a tensor with more than its floor above c keeps c
     assert float(floor_threshold(q, 50, 1.0)) == 1.0
+
+
+def test_a_collapsed_tensor_does_not_put_all_its_weights_in_use_at_its_floor():
+    """Weights all at 0 but the optimizer's noise: the floor threshold stays at half of c, not at the noise (or at 0
+    on ties), so the next steps' noise cannot lift the whole tensor into use (MobileNetV3's squeeze-excitation)."""
+    from lightning_prune.budget import FLOOR_THRESHOLD_MIN, floor_threshold
+
+    p = masked_parameters(_model())[1]
+    with torch.no_grad():
+        p.latent.zero_()
+        p.latent.view(-1)[:10] = 1e-3 * p.mask.scale  # a few weights just off zero
+    threshold = floor_threshold(p, 50, 1.0)
+    assert float(threshold) == FLOOR_THRESHOLD_MIN
+    with torch.no_grad():
+        p.latent.add_(torch.randn_like(p.latent) * 0.05 * p.mask.scale)  # one more step of noise
+    p.mask.threshold.copy_(threshold)
+    assert int(p.mask.hard_gate(p.latent).sum()) == 0
 
 
 def test_margin_gap_takes_the_floor_weights_under_the_threshold_out_of_the_target():

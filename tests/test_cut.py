@@ -133,3 +133,24 @@ def test_the_passes_at_the_cut_leave_the_epochs_metrics_as_they_were():
     recalibrate_batchnorm(trainer, model, num_batches=2)
     assert "val/acc" in values
     assert [float(m.compute()) for m in metrics] == before
+
+
+def test_batchnorm_statistics_are_re_estimated_before_each_validation_while_pruning(monkeypatch):
+    """Per-epoch validation under BatchNorm describes the network it runs: while the masks move, the running
+    statistics are re-estimated before each end-of-epoch validation (not in the sanity check, not after the cut)."""
+    import lightning_prune.budget_callback as budget_callback
+
+    calls = []
+
+    def spy(trainer, pl_module, num_batches):
+        calls.append((trainer.current_epoch, trainer.sanity_checking, callback.finalized))
+        return recalibrate_batchnorm(trainer, pl_module, num_batches)
+
+    monkeypatch.setattr(budget_callback, "recalibrate_batchnorm", spy)
+    torch.manual_seed(0)
+    model = _BNClassifier()
+    callback = BudgetCallback(sparsity=0.8, total_steps=20)
+    trainer = quiet_trainer(max_epochs=4, limit_train_batches=10, num_sanity_val_steps=1, callbacks=[callback])
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
+    # epochs 0 and 1 validate while pruning; the cut at step 20 re-estimates once more; epochs 2 and 3 come after it
+    assert calls == [(0, False, False), (1, False, True)]
