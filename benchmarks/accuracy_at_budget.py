@@ -1,4 +1,5 @@
-"""Accuracy at a budget: lightning_prune against Lightning's ModelPruning and one-shot magnitude pruning.
+"""Accuracy at a budget: lightning_prune against Lightning's ModelPruning, per-step gradual magnitude pruning (GMP)
+and one-shot magnitude pruning.
 
 Same backbone, data, epochs, optimizer (``--recipe``: Adam, lr 1e-3 by default) and seed for every method:
 
@@ -11,6 +12,12 @@ Same backbone, data, epochs, optimizer (``--recipe``: Adam, lr 1e-3 by default) 
   end of each epoch along the same cubic schedule as ours (sparsity ``s·(1 − (1 − r)³)``, ``r`` reaching 1 where
   ours does, at ``BudgetCallback``'s ``target_end``: 60% of training). torch's global pruning removes a share of the
   weights *still unpruned*, so the amount passed at epoch ``e`` is the increment ``1 − (1 − s_e)/(1 − s_{e−1})`` that brings the cumulative sparsity to ``s_e``;
+* ``gmp``: per-step gradual magnitude pruning (Zhu & Gupta 2017, ``GradualMagnitudePruning`` in
+  ``gradual_magnitude_pruning.py``) on the same Conv/Linear weights and the same cubic schedule, counted in optimizer
+  steps: every Δt steps (``--gmp-every``; default 1.5% of the ramp's steps, at least 1) one global magnitude threshold
+  sets the masks to ``s·(1 − (1 − r)³)``, ``r`` reaching 1 at 60% of training, where the last pruning step keeps
+  exactly ``budget_count(N, s)`` weights; masked weights are zero in every forward pass (gradients masked before
+  each optimizer step, weights after it), and training goes on with fixed masks to the end;
 * ``oneshot``: the trained ``dense`` network pruned once by global magnitude (``prune.global_unstructured``,
   L1) to ``s``, with no fine-tuning.
 
@@ -24,6 +31,12 @@ the files are there.
 Usage::
 
     python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 1 2 --epochs 20 --csv accuracy.csv
+
+    # benchmarks/results/accuracy_at_budget_digits_gmp.*: GMP against lightning_prune, six seeds, one thread:
+    python benchmarks/accuracy_at_budget.py --threads 1 --seeds 0 1 2 3 4 5 --epochs 20 \
+        --sparsities 0.9 0.95 0.98 0.99 --methods gmp lightning_prune \
+        --csv benchmarks/results/accuracy_at_budget_digits_gmp.csv \
+        --json benchmarks/results/accuracy_at_budget_digits_gmp.json
 
     # what benchmarks/results/accuracy_at_budget_digits.* come from (36 runs of about 20 s on a 2-core CPU):
     python benchmarks/accuracy_at_budget.py --threads 2 --seeds 0 1 2 --epochs 20 --sparsities 0.9 0.95 0.98 0.99 \
@@ -57,6 +70,7 @@ from dataclasses import asdict, dataclass
 
 import lightning.pytorch as pl
 import torch
+from gradual_magnitude_pruning import PRUNABLE, GradualMagnitudePruning
 from lightning.pytorch.callbacks import ModelPruning
 from result_files import write_csv, write_json
 from torch import nn
@@ -68,8 +82,7 @@ from lightning_prune.backbones import Conv4
 from lightning_prune.data import DigitsDataModule
 
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)
-METHODS = ("dense", "lightning_prune", "modelpruning", "oneshot")
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+METHODS = ("dense", "lightning_prune", "modelpruning", "gmp", "oneshot")
 
 
 @dataclass
@@ -256,6 +269,12 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
 
             model, dm, seconds = train(setup, seed, [make], prune_modelpruning=True)
             record("modelpruning", s, model.backbone, dm, seconds)
+        if "gmp" in methods:
+            gmp = GradualMagnitudePruning(sparsity=s, target_end=TARGET_END, prune_every=setup.args.gmp_every)
+            model, dm, seconds = train(setup, seed, [gmp])
+            print(f"  (gmp: every {gmp.every} of {gmp.ramp_steps} ramp steps, {len(gmp.history)} pruning steps, "
+                  f"last at step {gmp.history[-1]['step']}, kept {gmp.history[-1]['kept']}/{gmp.total})", flush=True)
+            record("gmp", s, model.backbone, dm, seconds)
     return runs
 
 
@@ -305,6 +324,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="BudgetCallback(min_layer_keep=...) (default: the callback's: 1%%, at most half the keep share)")
     p.add_argument("--uniform-step", action="store_true",
                    help="BudgetCallback(loop=LoopSettings(precondition=False)): the budget step alike for every weight, not in Adam's metric")
+    p.add_argument("--gmp-every", type=int, default=None,
+                   help="gmp: optimizer steps between pruning steps (default 1.5%% of the ramp's steps, at least 1)")
     p.add_argument("--recipe", choices=("adam", "sgd-cosine"), default="adam",
                    help="adam: Adam(lr); sgd-cosine: the paper configs' SGD(lr, momentum 0.9, nesterov, weight decay "
                         "5e-4) with a cosine schedule over the epochs")

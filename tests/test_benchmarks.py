@@ -9,12 +9,15 @@ import logging
 import math
 import os
 import sys
+import types
+import warnings
 from dataclasses import fields
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_prune import BudgetCallback
+from lightning_prune import BudgetCallback, budget_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the scripts import their shared helpers (result_files.py) from their own folder, as when they run directly
@@ -93,7 +96,8 @@ def test_accuracy_at_budget_smoke(accuracy, tmp_path):
             assert float(r["achieved_sparsity"]) == pytest.approx(sparsity, abs=1e-3), r["method"]
 
     assert [(s.method, s.target_sparsity) for s in summary] == [
-        ("dense", 0.0), ("lightning_prune", sparsity), ("modelpruning", sparsity), ("oneshot", sparsity)]
+        ("dense", 0.0), ("lightning_prune", sparsity), ("modelpruning", sparsity), ("gmp", sparsity),
+        ("oneshot", sparsity)]
     for s in summary:
         assert s.runs == 1 and s.acc_std == 0.0
         assert math.isfinite(s.acc_ratio_to_dense) and s.acc_ratio_to_dense >= 0
@@ -119,6 +123,153 @@ def test_modelpruning_schedule_reaches_the_target(accuracy, epochs, sparsity):
         kept *= 1.0 - step
         assert 1.0 - kept == pytest.approx(accuracy.cumulative_sparsity(epoch, sparsity, epochs), abs=1e-12)
     assert 1.0 - kept == pytest.approx(sparsity, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------ gradual_magnitude_pruning.py
+GMP_SPARSITY, GMP_EPOCHS, GMP_EVERY = 0.9, 5, 4
+GMP_STEPS = GMP_EPOCHS * 10  # 40 samples in batches of 4
+
+
+class _TinyNet(torch.nn.Module):
+    """A conv and two linear layers; the conv's weights are 4x larger, so one global threshold keeps more of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc1 = torch.nn.Linear(4 * 6 * 6, 24)
+        self.fc2 = torch.nn.Linear(24, 3)
+        with torch.no_grad():
+            self.conv.weight.mul_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+class _ZeroWatch(pl.Callback):
+    """Checks in every forward pass that the weights outside GMP's masks are zero, and that masks only shrink."""
+
+    def __init__(self, gmp) -> None:
+        self.gmp, self.violations, self.forwards, self.shrinks_only = gmp, [], 0, True
+        self._previous = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        for index, (module, name) in enumerate(self.gmp._params):
+            module.register_forward_pre_hook(lambda module, args, index=index, name=name: self._check(module, index))
+
+    def _check(self, module, index: int) -> None:
+        self.forwards += 1
+        pruned = ~self.gmp.masks[index]
+        if bool(module.weight[pruned].ne(0).any()):
+            self.violations.append(index)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        masks = [m.clone() for m in self.gmp.masks]
+        if self._previous is not None:
+            self.shrinks_only &= all(bool((new & ~old).sum() == 0) for new, old in zip(masks, self._previous))
+        self._previous = masks
+
+
+def _gmp_fit(gmp_module, **kwargs):
+    """A GMP run on the tiny net; returns the callback, the watcher, the network and a snapshot per pruning step."""
+    from lightning_prune import PrunedClassifier
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(40, 1, 8, 8)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+    net = _TinyNet()
+    model = PrunedClassifier(net, num_classes=3, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    gmp = gmp_module.GradualMagnitudePruning(sparsity=GMP_SPARSITY, **kwargs)
+    snapshots = []
+    update = gmp.update_masks
+
+    def spy(kept: int, step: int = -1) -> float:
+        before = [getattr(m, n).detach().clone() for m, n in gmp._params]
+        masks_before = [m.clone() for m in gmp.masks]
+        threshold = update(kept, step)
+        snapshots.append({"step": step, "kept": kept, "weights": before, "masks_before": masks_before,
+                          "masks": [m.clone() for m in gmp.masks], "threshold": threshold})
+        return threshold
+
+    gmp.update_masks = spy
+    watch = _ZeroWatch(gmp)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=GMP_EPOCHS, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[gmp, watch])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, train_dataloaders=loader)
+    assert trainer.global_step == GMP_STEPS
+    return gmp, watch, net, snapshots
+
+
+@pytest.fixture(scope="module")
+def gmp_run():
+    torch.set_num_threads(1)
+    return _gmp_fit(_load("gradual_magnitude_pruning"), prune_every=GMP_EVERY)
+
+
+def test_gmp_masks_follow_the_cubic_schedule_on_optimizer_steps(gmp_run):
+    gmp, _, _, snapshots = gmp_run
+    ramp = math.ceil(0.6 * GMP_STEPS)  # BudgetCallback's target_end: the budget is reached at 60% of training
+    assert gmp.ramp_steps == ramp == 30 and gmp.every == GMP_EVERY
+    # every 4 steps while the ramp lasts, and at its end (30 is not a multiple of 4)
+    assert [s["step"] for s in snapshots] == [4, 8, 12, 16, 20, 24, 28, 30]
+    total = sum(m.numel() for m in snapshots[0]["masks"])
+    assert total == 4 * 9 + 144 * 24 + 24 * 3
+    for snap in snapshots:
+        r = snap["step"] / ramp
+        expected_kept = (1 - GMP_SPARSITY * (1 - (1 - r) ** 3)) * total
+        kept = sum(int(m.sum()) for m in snap["masks"])
+        assert kept == snap["kept"]
+        assert abs(kept - expected_kept) <= 1, (snap["step"], kept, expected_kept)
+    assert [h["kept"] for h in gmp.history] == [s["kept"] for s in snapshots]
+
+
+def test_gmp_threshold_is_global_across_layers(gmp_run):
+    _, _, _, snapshots = gmp_run
+    for snap in snapshots:
+        kept = torch.cat([w.abs()[m] for w, m in zip(snap["weights"], snap["masks"])])
+        pruned_now = torch.cat([w.abs()[mb & ~m] for w, m, mb in zip(snap["weights"], snap["masks"],
+                                                                      snap["masks_before"])])
+        assert pruned_now.numel() > 0
+        # one threshold: every weight pruned at this step, in any layer, is no larger than every weight kept
+        assert float(pruned_now.max()) <= float(kept.min()) == snap["threshold"]
+    # and not one share per layer: the conv (weights 4x larger) keeps a larger share than the linear layers
+    shares = [float(m.float().mean()) for m in snapshots[-1]["masks"]]
+    assert shares[0] > 2 * max(shares[1:]), shares
+
+
+def test_gmp_meets_the_sparsity_exactly_and_trains_on_with_fixed_masks(gmp_run):
+    gmp, _, net, snapshots = gmp_run
+    total = sum(m.numel() for m in gmp.masks)
+    final = snapshots[-1]
+    assert final["kept"] == budget_count(total, GMP_SPARSITY) == round(0.1 * total)
+    weights = [net.conv.weight, net.fc1.weight, net.fc2.weight]
+    assert sum(int(w.ne(0).sum()) for w in weights) == budget_count(total, GMP_SPARSITY)
+    assert all(torch.equal(m, f) for m, f in zip(gmp.masks, final["masks"]))
+    # the 20 steps after the last pruning step trained the kept weights
+    assert any(not torch.equal(w.detach()[m], b[m]) for w, m, b in zip(weights, gmp.masks, final["weights"]))
+
+
+def test_gmp_masked_weights_stay_zero_in_every_forward_pass(gmp_run):
+    _, watch, _, _ = gmp_run
+    assert watch.forwards == 3 * GMP_STEPS
+    assert watch.violations == []
+    assert watch.shrinks_only
+
+
+def test_gmp_default_interval_is_a_small_share_of_the_ramp():
+    gmp_module = _load("gradual_magnitude_pruning")
+    module = _TinyNet()
+    trainer = types.SimpleNamespace(global_step=0)
+    for total, every in ((1000, 9), (480, 4), (20, 1)):
+        gmp = gmp_module.GradualMagnitudePruning(sparsity=0.9, total_steps=total)
+        gmp.on_fit_start(trainer, module)
+        assert gmp.ramp_steps == math.ceil(0.6 * total) and gmp.every == every
+        assert gmp.pruning_steps()[-1] == gmp.ramp_steps
+    with pytest.raises(ValueError, match="sparsity"):
+        gmp_module.GradualMagnitudePruning(sparsity=1.0)
 
 
 # --------------------------------------------------------------------------------------------- budget_tracking.py
