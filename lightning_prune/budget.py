@@ -278,9 +278,8 @@ def budget_step(
     on θ's device). The sign of each weight is kept; a weight that reaches 0 stays there until its gradient moves it.
     Weights whose score is at least ``exempt_above`` (one value, or one per tensor) are left alone: the step of the
     trimmed norm, which does not count the largest weights. With a ``metric`` (:func:`optimizer_metric`) a shrinking
-    step (λ > 0) is taken in the optimizer's metric, ``λ_i·s_i·reference/√v_j`` for weight ``j``. A growing step
-    (λ < 0) scales each magnitude by ``1 + |λ_i|``: a weight at the threshold (``|θ| = s_i``) grows by ``|λ_i|·s_i``, a
-    zeroed weight not at all, so no tensor's zeroed weights cross the threshold together.
+    step (λ > 0) is taken in the optimizer's metric, ``λ_i·s_i·reference/√v_j`` for weight ``j``; a growing one
+    (λ < 0) stays uniform: it also lifts weights at 0, which gives a pruned weight a gradient again.
 
     Example:
         >>> import torch
@@ -299,14 +298,13 @@ def budget_step(
         theta = p.latent
         magnitude = theta.abs()
         exempt = magnitude >= limit * p.mask.scale if limit is not None else None
-        # no host read of λ's sign: the shrink and the growth, one of them zero
         if v is None:
-            magnitude.sub_(rate.clamp_min(0) * p.mask.scale)
-        else:
+            magnitude.sub_(rate * p.mask.scale)
+        else:  # no host read of λ's sign: the shrink in the metric plus the growth, one of them zero
             reference = metric.reference
             floor = (reference.square() * 1e-12).clamp_min(torch.finfo(v.dtype).tiny)  # √v ≥ 10⁻⁶·reference
             magnitude.addcmul_(v.clamp_min(floor).rsqrt_(), rate.clamp_min(0) * p.mask.scale * reference, value=-1)
-        magnitude.mul_(1 - rate.clamp_max(0))  # growth in proportion to |θ|: λ·s at the threshold, none at 0
+            magnitude.sub_(rate.clamp_max(0) * p.mask.scale)
         stepped = magnitude.clamp_min_(0).copysign_(theta)
         if exempt is None:
             theta.copy_(stepped)

@@ -228,7 +228,7 @@ class BudgetCallback(Callback):
                 self._measure_from = (trainer.global_step, 0)
         hard = [bool(p.mask.hard) for p in self._params]
         self.finalized = all(hard)
-        if self.finalized and sum(int(p.mask.mask.sum()) for p in self._params) != budget_count(
+        if self.finalized and sum(int(p.mask.kept.sum()) for p in self._params) != budget_count(
             sum(p.numel for p in self._params), self.sparsity
         ):
             self._reopen(pl_module)
@@ -240,8 +240,8 @@ class BudgetCallback(Callback):
         rank_zero_info(f"BudgetCallback: the module was pruned to another budget; pruning on to sparsity={self.sparsity}.")
         with torch.no_grad():
             for p in self._params:
-                p.latent.mul_(p.mask.mask)
-                p.mask.mask.fill_(True)
+                p.latent.mul_(p.mask.kept)
+                p.mask.kept.fill_(True)
                 p.mask.hard.fill_(False)
         self.finalized = False
         self.report = CutReport(coverage=self.report.coverage)
@@ -400,12 +400,15 @@ class BudgetCallback(Callback):
         step = trainer.global_step
         self._apply_schedules(step)
         soft, hard, _ = self._shares()
+        batchnorm = self.recalibrate_batchnorm and has_batchnorm(pl_module)
+        if batchnorm and self.measure_cut:  # "before" describes the network as it trains, with its own statistics
+            recalibrate_batchnorm(trainer, pl_module, self.loop.recalibration_batches)
         before = validation_metrics(trainer, pl_module) if self.measure_cut else {}
         result = finalize(self._params, self.sparsity, self.min_layer_keep, self.mode)
         self.finalized = True
         after = validation_metrics(trainer, pl_module) if self.measure_cut else {}
         recalibrated = {}
-        if self.recalibrate_batchnorm and has_batchnorm(pl_module):
+        if batchnorm:
             if recalibrate_batchnorm(trainer, pl_module, self.loop.recalibration_batches) and self.measure_cut:
                 recalibrated = validation_metrics(trainer, pl_module)
         self.report = CutReport(

@@ -157,7 +157,11 @@ class BudgetLoop:
         )
         self._shares = sample.shares
         self.latest_lambda = self.controller.update(sample.gap)
-        rates = self.latest_lambda * self._unit if self._unit is not None else self.latest_lambda.expand(len(params))
+        lam = self.latest_lambda
+        if self._unit is None:
+            rates = lam.expand(len(params))
+        else:  # a growing step is at most |λ| in a tensor's own units: a small-scale tensor's zeros rise slowly
+            rates = torch.where(lam > 0, lam * self._unit, lam * self._unit.clamp_max(1.0))
         rates = torch.where(sample.shares > self.min_layer_keep, rates, torch.zeros_like(rates))
         metric = optimizer_metric(params, optimizer, step, indices) if s.precondition else None
         exempt = sample.exempt_above.expand(len(params))

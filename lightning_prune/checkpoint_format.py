@@ -38,7 +38,7 @@ from lightning_prune.reparametrize import masked_parameters, register_mask
 
 #: The checkpoint's entry that holds the masks (and the latents before the cut).
 CHECKPOINT_KEY = "lightning_prune"
-MASK_BUFFERS = ("scale", "threshold", "temperature", "grad_temperature", "hard", "mask")
+MASK_BUFFERS = ("scale", "threshold", "temperature", "grad_temperature", "hard", "kept")
 
 
 def _latent_key(name: str) -> str:
@@ -61,7 +61,7 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
         hard = bool(entry["hard"])
         if not hard:
             entry["original"] = latent
-            del entry["mask"]  # all ones before the cut
+            del entry["kept"]  # all ones before the cut
         state[p.name] = getattr(p.module, p.param_name).detach().to(latent.dtype)  # the weight the network uses
         masks[p.name] = entry
     if masks:
@@ -95,7 +95,7 @@ def attach_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) ->
                 f"The checkpoint prunes '{name}' but {type(model).__name__} has no such tensor: the checkpoint comes "
                 "from another architecture (or a torch.compile'd one: its keys hold '_orig_mod.')."
             )
-        saved = entry.get("mask", entry.get("original"))
+        saved = entry.get("kept", entry.get("original"))
         if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"'{name}' has shape {tuple(tensor.shape)} in the model but {tuple(saved.shape)} in the checkpoint: "
@@ -147,7 +147,7 @@ def _to_latent(
     weight = state.pop(plain)
     state[latent + "original"] = entry.get("original", weight)
     for key in MASK_BUFFERS:
-        default = torch.ones(weight.shape, dtype=torch.bool) if key == "mask" else defaults[key]
+        default = torch.ones(weight.shape, dtype=torch.bool) if key == "kept" else defaults[key]
         state[latent + "0." + key] = entry.get(key, default)
 
 

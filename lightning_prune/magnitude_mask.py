@@ -99,7 +99,8 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("grad_temperature", torch.tensor(float(grad_temperature)))
         self.register_buffer("hard", torch.tensor(False))
-        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(_renamed_buffer)
         self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
 
     def forward(self, theta: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ class MagnitudeMask(nn.Module):
 
     def _masked(self, theta: Tensor) -> Tensor:
         # a select: autograd keeps the boolean mask (a buffer) for the backward, not a float copy of it
-        return torch.where(self.mask, theta, theta.new_zeros(()))
+        return torch.where(self.kept, theta, theta.new_zeros(()))
 
     def score(self, theta: Tensor) -> Tensor:
         """Normalised magnitude ``|θ|/s`` (float32 or wider): what the budget ranks across tensors."""
@@ -128,14 +129,20 @@ class MagnitudeMask(nn.Module):
 
     def hard_gate(self, theta: Tensor) -> Tensor:
         """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""
-        return self.mask if self.hard else self.score(theta) > self.threshold
+        return self.kept if self.hard else self.score(theta) > self.threshold
 
     def harden(self, mask: Tensor) -> None:
         """Fix the binary mask: from now on the layer computes ``θ ⊙ mask``."""
-        if mask.shape != self.mask.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(self.mask.shape)}.")
-        self.mask.copy_(mask.to(torch.bool))
+        if mask.shape != self.kept.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(self.kept.shape)}.")
+        self.kept.copy_(mask.to(torch.bool))
         self.hard.fill_(True)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item():.4g}, threshold={self.threshold.item():.4g}, hard={bool(self.hard)}"
+
+
+def _renamed_buffer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """Checkpoints of lightning_prune 0.2 call the hard mask ``mask``; it is ``kept`` now."""
+    if prefix + "mask" in state_dict and prefix + "kept" not in state_dict:
+        state_dict[prefix + "kept"] = state_dict.pop(prefix + "mask")

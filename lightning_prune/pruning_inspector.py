@@ -291,7 +291,7 @@ def layer_snapshots(layers: list[MaskedParameter], bins: int = 64, max_score: fl
     for layer, score, soft_share in zip(layers, scores, soft):
         hard = bool(layer.mask.hard)
         if hard:
-            kept_scores = score[layer.mask.mask.flatten()]
+            kept_scores = score[layer.mask.kept.flatten()]
             threshold = float(kept_scores.min()) if kept_scores.numel() else float(score.max())
         else:
             threshold = float(layer.mask.threshold)

@@ -117,7 +117,7 @@ def run(out_dir: str, scenario: str) -> None:
         steps=recorder.steps,
         callback_state=budget.state_dict(),
         latents={x.name: x.latent.detach().clone() for x in layers},
-        masks={x.name: x.mask.mask.clone() for x in layers},
+        masks={x.name: x.mask.kept.clone() for x in layers},
         hard=[bool(x.mask.hard) for x in layers],
         scales=[float(x.mask.scale) for x in layers],
     )

@@ -82,7 +82,7 @@ def test_a_plain_module_reaches_the_budget_before_the_cut_under_adam_and_sgd(mak
     params = masked_parameters(module)
     assert [p.name for p in params] == ["net.0.weight", "net.3.weight", "net.7.weight", "net.9.weight"]
     total = sum(p.numel for p in params)
-    assert sum(int(p.mask.mask.sum()) for p in params) == budget_count(total, 0.9)
+    assert sum(int(p.mask.kept.sum()) for p in params) == budget_count(total, 0.9)
     assert all(bool(p.mask.hard) for p in params)
     opt_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p.latent) in opt_params for p in params)  # the optimizer was built after reparametrization
@@ -179,8 +179,8 @@ def test_a_tensor_at_its_floor_feels_no_budget_pressure():
     reparametrize(model)
     callback._attach_state(model)
     floored, other = masked_parameters(model)
-    with torch.no_grad():
-        floored.latent.mul_(0.01)  # every weight far under the threshold: the tensor is at its floor
+    with torch.no_grad():  # every score in [0, 0.9), under the threshold: the tensor is at its floor
+        floored.latent.copy_(torch.rand_like(floored.latent) * 0.9 * floored.mask.scale)
     callback.target_keep = 0.1
     frozen, before = floored.latent.detach().clone(), other.latent.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

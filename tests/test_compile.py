@@ -77,7 +77,7 @@ def test_compiled_reparametrized_model_trains_like_eager_in_one_graph(backend):
     finalize(eager, 0.7)
     finalize(twin, 0.7)
     for a, b in zip(masked_parameters(eager), masked_parameters(twin)):
-        assert torch.equal(a.mask.mask, b.mask.mask), a.name
+        assert torch.equal(a.mask.kept, b.mask.kept), a.name
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)  # now θ ⊙ M, the hard masks
     step("after finalisation", budget=False)  # the gradient through the hard masks too
     assert graphs == 1 and _graphs() == graphs  # new temperatures and the hardening reused the graph
@@ -93,7 +93,7 @@ def _fit(model, tmp_path, **trainer_kwargs):
 
 def _exact(module) -> bool:
     layers = masked_parameters(module)
-    kept = sum(int(layer.mask.mask.sum()) for layer in layers)
+    kept = sum(int(layer.mask.kept.sum()) for layer in layers)
     return all(bool(layer.mask.hard) for layer in layers) and kept == budget_count(sum(x.numel for x in layers), 0.8)
 
 

@@ -33,7 +33,7 @@ from lightning_prune.data import DigitsDataModule
 
 def _kept(model: nn.Module) -> tuple[int, int]:
     params = masked_parameters(model)
-    return sum(int(p.mask.mask.sum()) for p in params), sum(p.numel for p in params)
+    return sum(int(p.mask.kept.sum()) for p in params), sum(p.numel for p in params)
 
 
 def _assert_export_matches(model: nn.Module, *inputs, tmp_path=None, output=lambda out: out) -> None:

@@ -13,7 +13,7 @@ def _model(seed=0):
 
 
 def _kept(model):
-    return {layer.name: int(layer.mask.mask.sum()) for layer in masked_parameters(model)}
+    return {layer.name: int(layer.mask.kept.sum()) for layer in masked_parameters(model)}
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999])
@@ -27,14 +27,14 @@ def test_exact_budget(sparsity, mode):
     assert all(bool(layer.mask.hard) for layer in masked_parameters(model))
     # the network now computes with θ ⊙ M exactly
     for layer in masked_parameters(model):
-        torch.testing.assert_close(layer.module.weight, layer.latent * layer.mask.mask)
+        torch.testing.assert_close(layer.module.weight, layer.latent * layer.mask.kept)
 
 
 def test_global_mode_keeps_the_largest_normalised_magnitudes():
     model = _model()
     scores = torch.cat([layer.mask.score(layer.latent).flatten() for layer in masked_parameters(model)])
     finalize(model, 0.9)
-    kept = torch.cat([layer.mask.mask.flatten() for layer in masked_parameters(model)])
+    kept = torch.cat([layer.mask.kept.flatten() for layer in masked_parameters(model)])
     assert scores[kept].min() >= scores[~kept].max()
 
 
@@ -45,14 +45,14 @@ def test_ties_are_broken_deterministically_by_position():
     with torch.no_grad():
         layer.latent.fill_(0.5)  # every score equal
     finalize(model, 0.75)
-    flat = layer.mask.mask.flatten()
+    flat = layer.mask.kept.flatten()
     assert flat[:25].all() and not flat[25:].any()
     again = nn.Sequential(nn.Linear(10, 10))
     reparametrize(again)
     with torch.no_grad():
         masked_parameters(again)[0].latent.fill_(0.5)
     finalize(again, 0.75)
-    assert torch.equal(masked_parameters(again)[0].mask.mask, layer.mask.mask)
+    assert torch.equal(masked_parameters(again)[0].mask.kept, layer.mask.kept)
 
 
 def test_floor_keeps_every_layer_alive():

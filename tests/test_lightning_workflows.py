@@ -35,7 +35,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def _kept(model: nn.Module) -> tuple[int, int]:
     params = masked_parameters(model)
-    return sum(int(p.mask.mask.sum()) for p in params), sum(p.numel for p in params)
+    return sum(int(p.mask.kept.sum()) for p in params), sum(p.numel for p in params)
 
 
 def _run_python(code: str) -> str:
@@ -352,14 +352,14 @@ def test_a_second_callback_with_a_higher_sparsity_prunes_on_to_its_budget():
     model = PlainClassifier()
     dm = DigitsDataModule(image_size=16, batch_size=32)
     quiet_trainer(max_epochs=2, limit_train_batches=8, callbacks=[BudgetCallback(sparsity=0.9)]).fit(model, dm)
-    first = [p.mask.mask.clone() for p in masked_parameters(model)]
+    first = [p.mask.kept.clone() for p in masked_parameters(model)]
     second = BudgetCallback(sparsity=0.95)
     quiet_trainer(max_epochs=2, limit_train_batches=8, callbacks=[second]).fit(model, dm)
     kept, total = _kept(model)
     assert kept == budget_count(total, 0.95)
     assert second.report.cut_done and second.report.kept == kept
     # a weight removed by the first cut starts from 0 and is not brought back for free
-    regrown = sum(int((p.mask.mask & ~m).sum()) for p, m in zip(masked_parameters(model), first))
+    regrown = sum(int((p.mask.kept & ~m).sum()) for p, m in zip(masked_parameters(model), first))
     assert regrown < kept / 2
 
 

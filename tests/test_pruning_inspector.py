@@ -131,7 +131,7 @@ def test_kept_share_image_per_epoch_and_threshold_after_finalisation(run):
     assert all(img.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and img.width > 100 for img in images)
     # after finalisation the logged threshold is the smallest kept |θ|/s of the layer
     layer = masked_parameters(model)[0]
-    kept_scores = layer.mask.score(layer.latent)[layer.mask.mask]
+    kept_scores = layer.mask.score(layer.latent)[layer.mask.kept]
     last = events["scalars"][f"inspect/threshold/{layer.name}"][-1]
     assert last.value == pytest.approx(float(kept_scores.min()), rel=1e-5)
     [inspector] = [cb for cb in trainer.callbacks if isinstance(cb, PruningInspector)]
@@ -190,8 +190,8 @@ def test_layer_snapshots_counts_thresholds_and_clamped_range():
     finalize(model, sparsity=0.75)
     hard = layer_snapshots(layers, bins=8)
     for layer, snap in zip(layers, hard):
-        assert snap.hard and snap.kept == int(layer.mask.mask.sum())
-        assert snap.threshold == pytest.approx(float(layer.mask.score(layer.latent)[layer.mask.mask].min()))
+        assert snap.hard and snap.kept == int(layer.mask.kept.sum())
+        assert snap.threshold == pytest.approx(float(layer.mask.score(layer.latent)[layer.mask.kept].min()))
 
 
 @pytest.mark.parametrize(

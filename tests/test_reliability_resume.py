@@ -104,13 +104,13 @@ def test_mid_epoch_resume_continues_exactly(full_run, tmp_path):
     assert resumed_cb.finalized and full_cb.finalized
     assert resumed_cb.state_dict() == full_cb.state_dict()  # the budget loop's integral, the report
     for a, b in zip(masked_parameters(full), masked_parameters(resumed)):
-        assert torch.equal(a.mask.mask, b.mask.mask), a.name
+        assert torch.equal(a.mask.kept, b.mask.kept), a.name
         assert torch.equal(a.latent, b.latent), a.name
     assert _same_optimizer_state(
         full_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
     )
     layers = masked_parameters(resumed)
-    assert sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(
+    assert sum(int(layer.mask.kept.sum()) for layer in layers) == budget_count(
         sum(layer.numel for layer in layers), 0.8
     )
 
@@ -129,7 +129,7 @@ def test_mid_epoch_resume_with_a_plain_loader_replays_batches_but_keeps_the_budg
     )
     layers = masked_parameters(resumed)
     assert all(bool(layer.mask.hard) for layer in layers)
-    assert sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(
+    assert sum(int(layer.mask.kept.sum()) for layer in layers) == budget_count(
         sum(layer.numel for layer in layers), 0.8
     )
     replayed = any(not torch.equal(a.latent, b.latent) for a, b in zip(masked_parameters(full), layers))

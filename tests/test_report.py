@@ -35,7 +35,7 @@ HAND_POSITIONS.update({"classifier.1.weight": 1, "classifier.3.weight": 1, "clas
 HAND_DENSE_MACS = {"features.0.weight": 2304, "features.2.weight": 9216, "features.5.weight": 4608}
 HAND_DENSE_MACS.update({"features.7.weight": 9216})
 HAND_DENSE_MACS.update({"classifier.1.weight": 256, "classifier.3.weight": 64, "classifier.5.weight": 80})
-MASK = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.0\.mask$")
+MASK = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<param>[^.]+)\.0\.kept$")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_soft_checkpoint_counts_weights_above_the_threshold(run):
         prefix = f"backbone.{row.module_name}.parametrizations.{row.param_name}."
         theta, scale, c = state[prefix + "original"], state[prefix + "0.scale"], state[prefix + "0.threshold"]
         assert row.kept == int((theta.abs() / scale > c).sum())
-        assert bool(state[prefix + "0.mask"].all())  # a soft mask's buffer is all ones: it would count every weight
+        assert bool(state[prefix + "0.kept"].all())  # a soft mask's buffer is all ones: it would count every weight
     assert report.kept < report.weights
     assert "not finalised" in report.table()
 

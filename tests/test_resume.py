@@ -33,7 +33,7 @@ def test_resume_between_epochs_gives_the_same_masks(tmp_path):
         full_cb.controller.state_dict()["integral"], abs=1e-4
     )
     for a, b in zip(masked_parameters(full), masked_parameters(resumed)):
-        assert torch.equal(a.mask.mask, b.mask.mask), a.name
+        assert torch.equal(a.mask.kept, b.mask.kept), a.name
         torch.testing.assert_close(a.latent, b.latent)
 
 
@@ -45,6 +45,6 @@ def test_final_checkpoint_is_hard_pruned_and_loads_strictly(tmp_path):
     layers = masked_parameters(loaded)
     assert all(bool(layer.mask.hard) for layer in layers)
     total = sum(layer.numel for layer in layers)
-    assert sum(int(layer.mask.mask.sum()) for layer in layers) == budget_count(total, 0.8)
+    assert sum(int(layer.mask.kept.sum()) for layer in layers) == budget_count(total, 0.8)
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
