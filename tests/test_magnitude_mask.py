@@ -111,3 +111,20 @@ def test_the_step_gate_path_computes_what_the_sigmoid_at_t_0_computes():
     assert int((layer.weight == 0).sum()) == int((mask.score(theta) <= 1.0).sum()) > 0
     mask.set_temperature(0.3)
     assert not mask.step_gate
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.1, 0.03, 0.0])
+def test_gradient_is_h_plus_the_bounded_slope_in_every_regime(temperature):
+    """dw/dθ = h_T + (|θ|/(s·T_b))·h_b(1 − h_b), T_b = max(T, 0.1): above the floor (one gate), at it, under it (two
+    gates) and at T = 0 (the step gate), against the formula written out here."""
+    layer, mask = _masked_linear(temperature=0.5, grad_temperature=0.1)
+    mask.set_temperature(temperature)
+    theta = layer.parametrizations.weight.original
+    grad_out = torch.randn_like(theta)
+    (layer.weight * grad_out).sum().backward()
+    score = theta.detach().abs() / mask.scale
+    t_b = max(temperature, 0.1)
+    h = (score > 1.0).float() if temperature == 0 else torch.sigmoid((score - 1.0) / temperature)
+    h_b = torch.sigmoid((score - 1.0) / t_b)
+    expected = (h + score / t_b * h_b * (1 - h_b)) * grad_out
+    torch.testing.assert_close(theta.grad, expected, rtol=1e-5, atol=1e-6)
