@@ -21,6 +21,7 @@ from lightning_prune.reparametrize import (
     reparametrize,
     reparametrize_like,
 )
+from lightning_prune.sparse_export import SparseLinear, sparse_linear_export
 
 __version__ = "0.3.0"
 
@@ -41,4 +42,6 @@ __all__ = [
     "reparametrize",
     "reparametrize_like",
     "save_pruned",
+    "SparseLinear",
+    "sparse_linear_export",
 ]
