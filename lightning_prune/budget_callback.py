@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.data import has_len
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.trainer.call import _call_configure_model
 from lightning.pytorch.trainer.states import TrainerFn
@@ -30,7 +29,7 @@ from lightning_prune.budget_loop import BudgetLoop, LoopSettings
 from lightning_prune.checkpoint_format import loads_plain_layout, to_plain_checkpoint
 from lightning_prune.cut_report import CutReport
 from lightning_prune.finalization import finalize
-from lightning_prune.module_passes import _loaders, has_batchnorm, recalibrate_batchnorm, validation_metrics
+from lightning_prune.module_passes import has_batchnorm, recalibrate_batchnorm, validation_metrics
 from lightning_prune.non_finite import check_latents_finite, check_loss_finite
 from lightning_prune.reparametrize import (
     UNSUPPORTED_REASONS,
@@ -41,6 +40,7 @@ from lightning_prune.reparametrize import (
     prunable_parameters,
     reparametrize,
 )
+from lightning_prune.run_length import check_known_length, planned_manual_steps, planned_steps
 from lightning_prune.schedules import TargetSchedule, target_keep_at, temperature_at
 
 #: Share of each tensor kept at least, unless the budget is too small for it (see ``min_layer_keep``).
@@ -62,8 +62,7 @@ class BudgetCallback(Callback):
     module's own validation metrics before and after the cut go into :attr:`report` (a
     :class:`~lightning_prune.CutReport`).
 
-    Checkpoints hold the weights under the network's own names (:mod:`lightning_prune.checkpoint_format`):
-    ``MyModule.load_from_checkpoint(path)`` and ``trainer.test(ckpt_path=path)`` work in a new process.
+    Checkpoints hold plain weights under the network's own names (:mod:`~lightning_prune.checkpoint_format`).
 
     Logged (``prune/...``): ``lambda``, ``temperature``, ``target_keep``, ``kept_hard``, ``kept_soft``,
     ``kept/<tensor>``, and at the cut ``kept_hard_before``, ``kept_final`` and the validation metrics.
@@ -79,8 +78,8 @@ class BudgetCallback(Callback):
         embeddings: also prune embedding tables.
         total_steps: optimizer steps the schedules span; default the steps the Trainer will take
             (``estimated_stepping_batches``; under manual optimization, measured in the first epoch).
-        recalibrate_batchnorm: re-estimate BatchNorm statistics (when the model has BatchNorm) after the cut and,
-            while pruning, before each end-of-epoch validation, so the metrics it logs describe the network it runs.
+        recalibrate_batchnorm: re-estimate BatchNorm statistics at the cut and, while pruning, before each
+            end-of-epoch validation.
         measure_cut: run the module's ``validation_step`` before and after the cut and report what it logs.
         check_finite: stop with :class:`~lightning_prune.NonFiniteError` on a non-finite loss or latent weight.
         loop: the closed loop's settings (:class:`~lightning_prune.LoopSettings`); the defaults are measured.
@@ -149,8 +148,7 @@ class BudgetCallback(Callback):
 
     @property
     def controller(self) -> BudgetController:
-        """The loop's PI controller (its state is saved in checkpoints)."""
-        return self.budget_loop.controller
+        return self.budget_loop.controller  # its state is saved in checkpoints
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -174,7 +172,7 @@ class BudgetCallback(Callback):
                 "min_layer_keep or the sparsity."
             )
         if self.total_steps is None:
-            _check_known_length(trainer)
+            check_known_length(trainer)
         reparametrize(
             pl_module,
             include=self.include,
@@ -223,7 +221,7 @@ class BudgetCallback(Callback):
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:
-            self._total = _planned_steps(trainer)
+            self._total = planned_steps(trainer)
             if not pl_module.automatic_optimization:
                 self._measure_from = (trainer.global_step, 0)
         hard = [bool(p.mask.hard) for p in self._params]
@@ -272,19 +270,12 @@ class BudgetCallback(Callback):
             self._finalize(trainer, pl_module)
 
     def _measure_steps_per_batch(self, trainer: pl.Trainer) -> None:
-        """Manual optimization: the planned length is the optimizer steps per batch seen in the first epoch times the
-        batches the run will take (Lightning counts batches; a GAN steps two optimizers per batch)."""
         start_step, batches = self._measure_from
-        batches += 1
-        self._measure_from = (start_step, batches)
-        steps = trainer.global_step - start_step
-        total_batches = trainer.num_training_batches * max(1, trainer.max_epochs or 1)
-        if steps > 0 and math.isfinite(total_batches):
-            planned = round(steps / batches * total_batches)
-            self._total = min(planned, trainer.max_steps) if trainer.max_steps > 0 else planned
+        self._measure_from = (start_step, batches + 1) if batches + 1 < trainer.num_training_batches else None
+        planned = planned_manual_steps(trainer, trainer.global_step - start_step, batches + 1)
+        if planned is not None:
+            self._total = planned
             self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
-        if batches >= trainer.num_training_batches:
-            self._measure_from = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.loop.finalize_on_fit_end:
@@ -447,38 +438,6 @@ class BudgetCallback(Callback):
                 f"step {ramp_end}. Let the run reach its planned length (max_epochs / max_time / EarlyStopping "
                 "patience), or set total_steps to the steps it will really take."
             )
-
-
-_UNKNOWN_LENGTH = (
-    "BudgetCallback needs a finite training length to schedule the target and the temperature: set max_epochs or "
-    "max_steps on the Trainer (with max_time, or a training loader without a length such as an IterableDataset, set "
-    "max_steps on the Trainer or the steps it will take as total_steps on the callback)."
-)
-
-
-def _check_known_length(trainer: pl.Trainer) -> None:
-    """Refuse, before the module changes, a run whose length cannot be known: no max_steps and no max_epochs, or
-    epochs of a loader without a length (an IterableDataset)."""
-    if trainer.max_steps != -1:
-        return
-    if (trainer.max_epochs or -1) < 0:
-        raise ValueError(_UNKNOWN_LENGTH)
-    try:
-        loaders = trainer.fit_loop._data_source.dataloader()
-    except Exception:  # noqa: BLE001 - no loader to look at yet: on_fit_start checks the estimate
-        return
-    for loader in _loaders(loaders):
-        if not has_len(loader):
-            raise ValueError(f"{_UNKNOWN_LENGTH} The training loader has no length.")
-
-
-def _planned_steps(trainer: pl.Trainer) -> int:
-    # called in on_fit_start, not setup: it builds the training loader, which must come after a resumed run's
-    # checkpoint restored its state (and a resumed run takes the span saved in its checkpoint)
-    estimated = trainer.estimated_stepping_batches
-    if not math.isfinite(estimated) or estimated <= 0:
-        raise ValueError(_UNKNOWN_LENGTH)
-    return int(estimated)
 
 
 def _check(condition: bool, message: str) -> None:

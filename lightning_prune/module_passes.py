@@ -57,7 +57,7 @@ def _metrics_put_back(pl_module: pl.LightningModule) -> Iterator[None]:
                 setattr(metric, name, value)
 
 
-def _loaders(loaders: Any) -> list[Any]:
+def loaders_of(loaders: Any) -> list[Any]:
     if loaders is None:
         return []
     if isinstance(loaders, dict):
@@ -73,7 +73,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
     """
     if not pl.utilities.model_helpers.is_overridden("validation_step", pl_module):
         return {}
-    loaders = _loaders(trainer.val_dataloaders)
+    loaders = loaders_of(trainer.val_dataloaders)
     limits = list(getattr(trainer, "num_val_batches", []) or [])
     was_training = pl_module.training
     pl_module.eval()
@@ -147,7 +147,7 @@ def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, nu
     optimization the step's optimizer and scheduler calls do nothing during the pass). Returns the number of batches
     used (0 when there was no training data)."""
     norms = [m for m in pl_module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    loaders = _loaders(trainer.train_dataloader)
+    loaders = loaders_of(trainer.train_dataloader)
     if not norms or not loaders:
         return 0
     momenta = [m.momentum for m in norms]
