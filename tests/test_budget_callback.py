@@ -89,7 +89,9 @@ def test_a_plain_module_reaches_the_budget_before_the_cut_under_adam_and_sgd(mak
     report = callback.report
     assert abs(report.kept_hard_before / 0.1 - 1) < 0.1
     before, after = report.val_before_cut["val_acc"], report.val_after_cut["val_acc"]
-    assert after >= before - 0.01 and after > 0.7  # it learned, and the cut did not cost accuracy
+    # it learned, and the cut cost at most 2 of the 180 validation digits (the share in use was within 10% of the
+    # budget, so the cut changed a few dozen weights; which digits flip varies with the thread schedule)
+    assert after >= before - 2 / 180 - 1e-6 and after > 0.7
     assert not [w for w in caught if "BudgetCallback" in str(w.message)]  # nothing wrong: nothing said
 
 
