@@ -25,7 +25,7 @@ def test_full_size_layer_counts():
     assert 11_000_000 < sum(p.numel() for p in ResNet18().parameters()) < 11_300_000
 
 
-def test_bad_sizes():
+def test_backbones_refuse_sizes_they_cannot_build_naming_the_argument():
     with pytest.raises(ValueError, match="divisible by 4"):
         Conv4(input_size=30)
     with pytest.raises(ValueError, match="width_multiplier"):

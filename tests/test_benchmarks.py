@@ -72,7 +72,7 @@ def test_accuracy_at_budget_sgd_recipe_is_the_paper_configs(accuracy):
     assert set(accuracy.recipe(accuracy.parse_args([]))) == {"optimizer"}  # Adam, no schedule
 
 
-def test_accuracy_at_budget_smoke(accuracy, tmp_path):
+def test_accuracy_at_budget_writes_rows_and_a_summary_for_every_method(accuracy, tmp_path):
     csv_path, json_path = tmp_path / "accuracy.csv", tmp_path / "accuracy.json"
     sparsity = 0.95
     summary = accuracy.main([

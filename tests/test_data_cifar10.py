@@ -266,7 +266,7 @@ def test_batch_with_wrong_shape(data_dir):
     ],
     ids=["conv4", "vgg19", "resnet18"],
 )
-def test_short_fit(data_dir, backbone, one_thread):
+def test_a_short_pruned_fit_on_the_datamodule_meets_the_budget(data_dir, backbone, one_thread):
     dm = make(data_dir)
     net = backbone()
     kept, total = expected_kept(net, 0.5)

@@ -366,7 +366,7 @@ def test_sorted_val_image_deleted_later(data_dir):
     ],
     ids=["conv4", "vgg19", "resnet18"],
 )
-def test_short_fit(data_dir, backbone, one_thread):
+def test_a_short_pruned_fit_on_the_datamodule_meets_the_budget(data_dir, backbone, one_thread):
     dm = make(data_dir)
     net = backbone()
     kept, total = expected_kept(net, 0.5)

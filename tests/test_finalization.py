@@ -18,7 +18,7 @@ def _kept(model):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.999])
 @pytest.mark.parametrize("mode", ["global", "layer"])
-def test_exact_budget(sparsity, mode):
+def test_finalize_keeps_exactly_the_budget_count_in_both_modes(sparsity, mode):
     model = _model()
     total = sum(layer.numel for layer in masked_parameters(model))
     result = finalize(model, sparsity, min_layer_keep=0.0, mode=mode)

@@ -33,7 +33,7 @@ def fit_step_cost():
     sys.modules.pop(spec.name, None)
 
 
-def test_fit_step_cost_smoke(fit_step_cost, tmp_path):
+def test_fit_step_cost_writes_a_row_per_variant_with_its_ratio(fit_step_cost, tmp_path):
     fit_step_cost.main(["--models", "conv4", "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch-size", "4",
                         "--threads", "1", "--out", str(tmp_path)])
     with open(tmp_path / "fit_step_cost_cpu.csv", newline="") as f:
