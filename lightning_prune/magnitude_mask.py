@@ -17,7 +17,12 @@ def wide(theta: Tensor) -> Tensor:
 
 def gate(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
     """``h_T(θ) = σ((|θ|/s − c)/T)`` elementwise, in float32 or wider; ``T = 0`` gives the step ``1{|θ|/s > c}``."""
-    return _gate_of_magnitude(wide(theta).abs(), scale, threshold, temperature)
+    return _gate_of_score(wide(theta).abs().div_(scale), threshold, temperature)
+
+
+def _gate_of_score(score: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
+    """``σ((score − c)/T)``, computed in place in ``score`` (one weight-sized buffer for the whole gate)."""
+    return score.sub_(threshold).div_(temperature.clamp_min(1e-12)).sigmoid_()
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -25,17 +30,14 @@ class _MaskedWeight(torch.autograd.Function):
 
     ``dw/dθ = h_T + θ·h'_{T_b} = h_T + (|θ|/(s·T_b))·h_b(1 − h_b)``, bounded by ``1 + (|θ|/s)/(4·T_b)`` however small
     ``T`` gets. Only θ is saved (``h`` is recomputed in the backward pass): the reparametrization keeps one tensor.
-    Each pass is one fused elementwise op where torch has one (``(|θ|/s − c)/T`` as ``|θ|·a − b`` in one ``addcmul``,
-    ``x·h(1 − h)`` as ``sigmoid_backward``); ``step`` (``T = 0``) and ``same_slope`` (``T ≥ T_b``, so ``h_b = h``) are
-    known on the host and skip a gate.
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor,
-                step: bool = False, same_slope: bool = False):
+                step: bool = False):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        ctx.step, ctx.same_slope = step, same_slope
-        if step:  # T = 0: the step gate without the sigmoid's passes (the score as hard_gate computes it)
+        ctx.step = step
+        if step:  # T = 0, known on the host: the step gate without the sigmoid's passes
             return torch.where(wide(theta).abs().div_(scale) > threshold, theta, theta.new_zeros(()))
         return gate(theta, scale, threshold, temperature).mul_(theta).to(theta.dtype)
 
@@ -43,23 +45,12 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         slope_t = torch.maximum(temperature, grad_temperature)
-        magnitude = wide(theta).abs()
-        h_b = _gate_of_magnitude(magnitude, scale, threshold, slope_t)
-        if ctx.step:
-            h = wide(theta).abs().div_(scale) > threshold
-        elif ctx.same_slope:
-            h = h_b
-        else:
-            h = _gate_of_magnitude(magnitude, scale, threshold, temperature)
-        # (|θ|/(s·T_b))·h_b(1 − h_b) + h, in place on |θ|
-        local = torch.ops.aten.sigmoid_backward(magnitude.mul_(1 / (scale * slope_t)), h_b).add_(h)
-        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None, None
-
-
-def _gate_of_magnitude(magnitude: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor) -> Tensor:
-    """``σ((|θ|/s − c)/T)`` from ``|θ|``, as ``σ(|θ|·(1/(s·T)) − c/T)``: one fused pass and the sigmoid, in place."""
-    t = temperature.clamp_min(1e-12)
-    return torch.addcmul(-threshold / t, magnitude, 1 / (scale * t)).sigmoid_()
+        # in place on three weight-sized buffers: score, h_b and h
+        score = wide(theta).abs().div_(scale)
+        h_b = _gate_of_score(score.clone(), threshold, slope_t)
+        h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
+        local = h_b.addcmul_(h_b, h_b, value=-1).mul_(score).div_(slope_t).add_(h)  # h + (|θ|/(s·T_b))·h_b(1 − h_b)
+        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None
 
 
 class MagnitudeMask(nn.Module):
@@ -111,9 +102,6 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_renamed_buffer)
         self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
-        self.same_slope = False  # likewise: T >= grad_temperature
-        self._grad_temperature = float(grad_temperature)
-        self.register_load_state_dict_post_hook(self._refresh_host_values)
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
@@ -124,19 +112,12 @@ class MagnitudeMask(nn.Module):
 
     def _soft(self, theta: Tensor) -> Tensor:
         step = self.step_gate and not is_compiling()
-        same = self.same_slope and not is_compiling()
-        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step,
-                                   same)
+        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step)
 
     def set_temperature(self, temperature: float) -> None:
-        """Set ``T`` (the buffer); the passes use the step gate when it is 0, and one gate when ``T`` is at least the
-        backward pass's floor (both are known here, on the host)."""
+        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0."""
         self.temperature.fill_(temperature)
         self.step_gate = temperature == 0
-        self.same_slope = temperature >= self._grad_temperature
-
-    def _refresh_host_values(self, *args) -> None:
-        self._grad_temperature = float(self.grad_temperature)
 
     def _masked(self, theta: Tensor) -> Tensor:
         # a select: autograd keeps the boolean mask (a buffer) for the backward, not a float copy of it
