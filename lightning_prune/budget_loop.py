@@ -170,7 +170,7 @@ class BudgetLoop:
             subset = [params[i] for i in trained]
             if metric is not None:
                 metric = metric._replace(second_moments=[metric.second_moments[i] for i in trained])
-            budget_step(subset, rates[index], exempt[index.to(exempt.device)], metric)
+            budget_step(subset, rates[index], exempt[index], metric)
         else:
             budget_step(params, rates, exempt, metric)
         if self.mode == "global" and step % FLOOR_CHECK_EVERY == 0:

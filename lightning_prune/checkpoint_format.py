@@ -5,7 +5,8 @@ masked tensor under its plain name (``"backbone.l1.weight"``) with the weight th
 once the masks are hard, ``θ·h_T(θ)`` before), so ``MyModule.load_from_checkpoint(path)`` and
 ``trainer.test(ckpt_path=path)`` work in a new process with no lightning_prune code. What the budget needs to go on
 training (the latent θ before the cut, each mask's buffers) sits beside it under ``checkpoint["lightning_prune"]``;
-the callback reads it back at ``setup`` when a run resumes or evaluates from that file.
+a ``load_state_dict`` pre-hook (:class:`PlainLayoutLoader`, registered by the callback at ``setup``) puts the masks
+back when a run resumes or evaluates from that file.
 
 Example:
     >>> import torch
@@ -156,7 +157,7 @@ def reparametrized_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor
     original`` and the mask's buffers), whichever layout it was saved in."""
     state = dict(checkpoint["state_dict"])
     defaults = {key: torch.tensor(False) if key == "hard" else torch.tensor(1.0) for key in MASK_BUFFERS}
-    for name, entry in checkpoint.get(CHECKPOINT_KEY, {}).get("masks", {}).items():
+    for name, entry in checkpoint_masks(checkpoint).items():
         _to_latent(state, "", name, entry, defaults)
     return state
 

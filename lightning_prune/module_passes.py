@@ -123,7 +123,7 @@ def _steps_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
         return
     optimizers = pl_module.optimizers(use_pl_optimizer=True)
     schedulers = pl_module.lr_schedulers()
-    patched = [o for o in (optimizers if isinstance(optimizers, list) else [optimizers])]
+    patched = list(optimizers) if isinstance(optimizers, list) else [optimizers]
     patched += [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s is not None]
     for obj in patched:
         obj.step = obj.zero_grad = _nothing
