@@ -8,6 +8,7 @@ What a user calls is here; the maths stays importable from its module (:mod:`lig
 from lightning_prune.budget import budget_count
 from lightning_prune.budget_callback import BudgetCallback
 from lightning_prune.budget_loop import LoopSettings
+from lightning_prune.channel_removal import remove_channels, save_smaller
 from lightning_prune.cut_report import CutReport
 from lightning_prune.export import load_pruned, make_permanent, save_pruned
 from lightning_prune.finalization import finalize
@@ -40,7 +41,9 @@ __all__ = [
     "masked_parameters",
     "plain_named_parameters",
     "reparametrize",
+    "remove_channels",
     "reparametrize_like",
+    "save_smaller",
     "save_pruned",
     "SparseLinear",
     "sparse_linear_export",

@@ -26,6 +26,7 @@ from lightning_prune.budget import (
 )
 from lightning_prune.budget_controller import BudgetController
 from lightning_prune.budget_loop import BudgetLoop, LoopSettings
+from lightning_prune.channel_groups import Structure, channel_groups, example_input, reparametrize_channels
 from lightning_prune.checkpoint_format import loads_plain_layout, to_plain_checkpoint
 from lightning_prune.cut_report import CutReport
 from lightning_prune.finalization import finalize
@@ -83,6 +84,9 @@ class BudgetCallback(Callback):
         measure_cut: run the module's ``validation_step`` before and after the cut and report what it logs.
         check_finite: stop with :class:`~lightning_prune.NonFiniteError` on a non-finite loss or latent weight.
         loop: the closed loop's settings (:class:`~lightning_prune.LoopSettings`); the defaults are measured.
+        structure: ``"weights"`` (the paper: any weight can go) or ``"channels"`` (whole BatchNorm channels go, with
+            the rows and columns of the layers around them; :func:`~lightning_prune.remove_channels` then builds the
+            smaller network). The budget then counts channels; ``include``/``exclude`` match BatchNorm layer names.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -104,6 +108,7 @@ class BudgetCallback(Callback):
         measure_cut: bool = True,
         check_finite: bool = True,
         loop: LoopSettings | None = None,
+        structure: Structure = "weights",
     ) -> None:
         super().__init__()
         check_sparsity(sparsity)
@@ -111,6 +116,7 @@ class BudgetCallback(Callback):
         _check(isinstance(loop, LoopSettings), f"loop takes a LoopSettings, got {type(loop).__name__}.")
         _check_choice("target_schedule", target_schedule, TargetSchedule)
         _check_choice("mode", mode, BudgetMode)
+        _check_choice("structure", structure, Structure)
         _check(
             0 < target_end <= 1 and loop.target_start <= target_end,
             f"target_end is the share of training at which the target reaches the budget, in (0, 1] and >= "
@@ -136,6 +142,7 @@ class BudgetCallback(Callback):
         self.measure_cut = measure_cut
         self.check_finite = check_finite
         self.loop = loop
+        self.structure = structure
         self.budget_loop = BudgetLoop(loop, mode, self.min_layer_keep, self.keep)
         self.finalized = False
         self.step = 0
@@ -162,8 +169,13 @@ class BudgetCallback(Callback):
         if is_overridden("configure_model", pl_module):  # layers built there exist only after it (it is idempotent)
             _call_configure_model(trainer)
         # everything is checked before the module is changed: a refused fit leaves it as it was
-        chosen = prunable_parameters(pl_module, self.include, self.exclude, self.embeddings)
-        sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
+        if self.structure == "channels":
+            groups = channel_groups(pl_module, example_input(trainer, pl_module), self.include, self.exclude)
+            _check(bool(groups.removable), f"structure='channels' found no channel to prune: {groups.summary()}.")
+            sizes = list(groups.removable.values())
+        else:
+            chosen = prunable_parameters(pl_module, self.include, self.exclude, self.embeddings)
+            sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
         floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
         if floors > budget_count(sum(sizes), self.sparsity):
             raise ValueError(
@@ -173,16 +185,17 @@ class BudgetCallback(Callback):
             )
         if self.total_steps is None:
             check_known_length(trainer)
-        reparametrize(
-            pl_module,
-            include=self.include,
-            exclude=self.exclude,
-            embeddings=self.embeddings,
-            temperature=self.loop.temperature_start,
-            grad_temperature=self.loop.grad_temperature,
-        )
+        temperatures = {"temperature": self.loop.temperature_start, "grad_temperature": self.loop.grad_temperature}
+        if self.structure == "channels":
+            reparametrize_channels(pl_module, list(groups.removable), **temperatures)
+        else:
+            reparametrize(pl_module, self.include, self.exclude, self.embeddings, **temperatures)
         self._attach_state(pl_module)
         self._refresh_swa_copies(trainer, pl_module)
+        if self.structure == "channels":
+            self.report.coverage = groups.summary()
+            rank_zero_info(f"BudgetCallback: {groups.summary()}.")
+            return
         covered = coverage(pl_module, self.embeddings)
         self.report.coverage = covered.summary()
         rank_zero_info(f"BudgetCallback: {covered.summary()}.")
@@ -320,7 +333,7 @@ class BudgetCallback(Callback):
         rank_zero_warn(
             f"BudgetCallback: the weights under {trainer.state.fn.value} come from before the cut (a checkpoint such "
             f"as ckpt_path='best' saved with soft masks). They were hardened now to the budget ({result.kept}/"
-            f"{result.total} weights kept), without BatchNorm recalibration, so the figures are not those of the "
+            f"{result.total} {self.structure} kept), without BatchNorm recalibration, so the figures are not those of the "
             "network the fit finalised: test ckpt_path='last' or the module itself for those."
         )
 
@@ -421,7 +434,7 @@ class BudgetCallback(Callback):
                 values.update({f"prune/{prefix}/{name}": v for name, v in metrics.items()})
             trainer.logger.log_metrics(values, step=step)
         msg = (
-            f"Pruning finalised at step {step}: kept {result.kept}/{result.total} weights ({result.kept_share:.4%}); "
+            f"Pruning finalised at step {step}: kept {result.kept}/{result.total} {self.structure} ({result.kept_share:.4%}); "
             f"kept share just before the cut: hard {hard:.4%}, soft {soft:.4%}."
         )
         for name in sorted(set(before) & set(after)):
@@ -432,7 +445,7 @@ class BudgetCallback(Callback):
         if abs(hard / result.kept_share - 1) > CUT_TOLERANCE:
             ramp_end = math.ceil(self.target_end * (self._total or step))
             rank_zero_warn(
-                f"BudgetCallback: just before the cut {hard:.2%} of the covered weights were in use against a budget "
+                f"BudgetCallback: just before the cut {hard:.2%} of the covered {self.structure} were in use against a budget "
                 f"of {result.kept_share:.2%}, so the cut changed the network the fit trained (see the metrics "
                 f"above). Fit ended at step {step} of the {self._total} planned; the target reaches the budget at "
                 f"step {ramp_end}. Let the run reach its planned length (max_epochs / max_time / EarlyStopping "

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_prune.batchnorm_gate import gated_shift, is_channel_mask
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import masked_parameters, register_mask
 
@@ -64,6 +65,11 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
             entry["original"] = latent
             del entry["kept"]  # all ones before the cut
         state[p.name] = getattr(p.module, p.param_name).detach().to(latent.dtype)  # the weight the network uses
+        shift = _shift_key(p)
+        if shift in state:  # a channel mask: the layer uses β ⊙ gate
+            if not hard:
+                entry["shift"] = state[shift]
+            state[shift] = gated_shift(p.module).to(state[shift].dtype)
         masks[p.name] = entry
     if masks:
         checkpoint.setdefault(CHECKPOINT_KEY, {})["masks"] = masks
@@ -147,6 +153,8 @@ def _to_latent(
         return
     weight = state.pop(plain)
     state[latent + "original"] = entry.get("original", weight)
+    if "shift" in entry:  # a channel mask before the cut: the BatchNorm shift as trained
+        state[plain.rpartition(".")[0] + ".bias"] = entry["shift"]
     for key in MASK_BUFFERS:
         default = torch.ones(weight.shape, dtype=torch.bool) if key == "kept" else defaults[key]
         state[latent + "0." + key] = entry.get(key, default)
@@ -160,6 +168,11 @@ def reparametrized_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor
     for name, entry in checkpoint_masks(checkpoint).items():
         _to_latent(state, "", name, entry, defaults)
     return state
+
+
+def _shift_key(p) -> str:
+    """The state_dict key of the shift ``β`` that a channel mask also gates ("" for a weight mask)."""
+    return f"{p.name.rpartition('.')[0]}.bias" if is_channel_mask(p.module, p.param_name) else ""
 
 
 def _is_masked(module: nn.Module, param_name: str) -> bool:

@@ -10,6 +10,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prune.budget_callback import BudgetCallback
+from lightning_prune.channel_groups import example_batch_input
+from lightning_prune.channel_removal import macs_and_parameters, remove_channels, save_smaller
 from lightning_prune.export import make_permanent, save_pruned
 from lightning_prune.pruned_classifier import PrunedClassifier
 from lightning_prune.reparametrize import masked_parameters
@@ -59,9 +61,9 @@ class PruneCLI(LightningCLI):
         lines = ["", "lightning_prune summary"]
         if budget is not None and budget.report.cut_done:
             r = budget.report
-            lines.append(f"  kept weights        {r.kept}/{r.total} = {r.kept_share:.4%} "
+            lines.append(f"  kept {budget.structure:<15}{r.kept}/{r.total} = {r.kept_share:.4%} "
                          f"(asked: {1 - budget.sparsity:.4%})")
-            lines.append(f"  in use before cut   {r.kept_hard_before:.4%} of the covered weights")
+            lines.append(f"  in use before cut   {r.kept_hard_before:.4%} of the covered {budget.structure}")
             if r.coverage:
                 lines.append(f"  coverage            {r.coverage}")
             before, after, bn = r.val_before_cut, r.val_after_cut, r.val_after_recalibration
@@ -74,7 +76,24 @@ class PruneCLI(LightningCLI):
         lines.append(f"  logs & checkpoints  {log_dir}")
         lines.append(f"  pruned model        {compact} ({os.path.getsize(compact) / 1e3:.1f} kB compact), "
                      f"{plain} ({os.path.getsize(plain) / 1e3:.1f} kB dense)")
+        if budget is not None and budget.structure == "channels":
+            lines.append(f"  smaller network     {self._save_smaller(model, log_dir)}")
         rank_zero_info("\n".join(lines))
+
+
+    def _save_smaller(self, model: pl.LightningModule, log_dir: str) -> str:
+        """The network with its removed channels taken out, as a torch.export program; a line for the summary."""
+        network = model.backbone if hasattr(model, "backbone") else model
+        batch = next(iter(self.datamodule.val_dataloader() if self.datamodule is not None else []), None)
+        x = example_batch_input(batch)
+        if x is None:
+            return "not written: no validation batch to trace the network with"
+        x = x[:1].to(next(network.parameters()).device)
+        small = remove_channels(network, x)
+        path = save_smaller(small, os.path.join(log_dir, "smaller_backbone.pt2"), x)
+        (dense_macs, dense_params), (macs, params) = macs_and_parameters(network, x), macs_and_parameters(small, x)
+        return (f"{path}: {macs / dense_macs:.1%} of the MACs ({macs:,} of {dense_macs:,}), "
+                f"{params / dense_params:.1%} of the parameters; torch.export.load(path).module() runs it")
 
 
 def _has_test_data(datamodule) -> bool:

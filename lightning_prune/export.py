@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_prune.batchnorm_gate import fold_batchnorm_shift, is_channel_mask
 from lightning_prune.reparametrize import detach_recurrent_weights, masked_parameters
 
 COMPACT_FORMAT = "lightning_prune.compact/1"
@@ -56,6 +57,8 @@ def make_permanent(model: nn.Module, inplace: bool = True) -> nn.Module:
         if not inplace and id(p.module) not in owned:
             _own_class(p.module)
             owned.add(id(p.module))
+        if is_channel_mask(p.module, p.param_name):
+            fold_batchnorm_shift(p.module)  # β ⊙ gate into β, while the mask still gives the gate
         parametrize.remove_parametrizations(p.module, p.param_name, leave_parametrized=True)
     return model
 

@@ -131,6 +131,15 @@ class MagnitudeMask(nn.Module):
         """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""
         return self.kept if self.hard else self.score(theta) > self.threshold
 
+    def gate_values(self, theta: Tensor) -> Tensor:
+        """The gate the forward pass applies, without its gradient: ``h_T(θ)``, the step gate at ``T = 0``, or the
+        fixed mask once hardened (float32 or wider)."""
+        if self.hard:
+            return self.kept.to(wide(theta).dtype)
+        if self.step_gate:
+            return (self.score(theta) > self.threshold).to(wide(theta).dtype)
+        return gate(theta.detach(), self.scale, self.threshold, self.temperature)
+
     def harden(self, mask: Tensor) -> None:
         """Fix the binary mask: from now on the layer computes ``θ ⊙ mask``."""
         if mask.shape != self.kept.shape:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_prune.batchnorm_gate import gate_batchnorm_shift, is_channel_mask
 from lightning_prune.magnitude_mask import MagnitudeMask
 
 #: Module types whose weight is an embedding table (pruned only with ``embeddings=True``).
@@ -397,8 +398,11 @@ def _attach(
 
 def register_mask(module: nn.Module, param_name: str, mask: MagnitudeMask) -> None:
     """Register ``mask`` on ``module.<param_name>``. A recurrent layer keeps the weights of its last forward pass in
-    ``_flat_weights``; they are computed tensors that ``copy.deepcopy`` refuses, so they are kept detached."""
+    ``_flat_weights``; they are computed tensors that ``copy.deepcopy`` refuses, so they are kept detached. A mask on
+    a BatchNorm scale masks channels: its gate also multiplies the shift (:mod:`~lightning_prune.batchnorm_gate`)."""
     parametrize.register_parametrization(module, param_name, mask, unsafe=True)
+    if is_channel_mask(module, param_name):
+        gate_batchnorm_shift(module)
     if isinstance(module, nn.RNNBase) and not getattr(module, "_lightning_prune_detach_hook", False):
         module.register_forward_hook(_detach_flat_weights)
         module._lightning_prune_detach_hook = True

@@ -1,0 +1,184 @@
+"""Which channels can be removed on their own: a BatchNorm layer's channels whose only readers are the next layers'
+inputs, found with Torch-Pruning's dependency graph, and masking them (``structure="channels"``).
+
+A channel ``c`` of a BatchNorm layer can go when the layer that feeds it (a convolution or linear layer computing
+channel ``c`` alone) and the layers that read it (through activations, pooling, flattening) can drop it without
+touching any other layer's channels. Channels joined to others by a residual addition or a concatenation, or that a
+depthwise convolution carries on, stay: removing them would need one mask over all the layers of the group.
+`Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_'s ``DependencyGraph`` traces the network once (an example
+input through autograd) and lists, for a channel, every layer that holds it; it also performs the removal
+(:mod:`~lightning_prune.channel_removal`). It handles torchvision, timm and user models alike, where rules written
+for our own backbones would not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_prune.magnitude_mask import MagnitudeMask
+from lightning_prune.reparametrize import _matches, register_mask
+
+#: What the budget removes: single weights (the paper) or whole channels.
+Structure = Literal["weights", "channels"]
+#: Channels start with the score ``|γ|/s = 1/CHANNEL_SCALE`` (the gate open at ``σ(1/T)``): ``s = CHANNEL_SCALE·mean|γ|``.
+CHANNEL_SCALE = 0.5
+
+
+def torch_pruning() -> Any:
+    """The ``torch_pruning`` module, or an ImportError that says how to install it."""
+    try:
+        import torch_pruning
+    except ImportError as err:  # pragma: no cover - a dependency of the package
+        raise ImportError(
+            "structure='channels' finds which channels go together with Torch-Pruning: pip install torch-pruning."
+        ) from err
+    return torch_pruning
+
+
+@dataclass
+class ChannelGroups:
+    """The BatchNorm layers whose channels can be removed on their own, and why the others cannot."""
+
+    removable: dict[str, int] = field(default_factory=dict)  #: layer name → channels
+    kept_whole: dict[str, str] = field(default_factory=dict)  #: layer name → why its channels stay
+
+    def summary(self) -> str:
+        channels = sum(self.removable.values())
+        text = f"the channel budget covers {len(self.removable)} BatchNorm layers, {channels:,} channels"
+        if self.kept_whole:
+            first = next(iter(self.kept_whole.items()))
+            text += f"; {len(self.kept_whole)} layers keep all their channels (e.g. {first[0]}: {first[1]})"
+        return text
+
+
+def dependency_graph(model: nn.Module, example_input: Any):
+    """Torch-Pruning's ``DependencyGraph`` of ``model``, traced in eval mode (running statistics untouched)."""
+    tp = torch_pruning()
+    training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(training)
+
+
+def channel_groups(
+    model: nn.Module, example_input: Any, include: list[str] | None = None, exclude: list[str] | None = None
+) -> ChannelGroups:
+    """Sort ``model``'s affine BatchNorm layers into those whose channels can be removed on their own and the others.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> groups = channel_groups(model, torch.randn(1, 3, 8, 8))
+        >>> groups.removable, list(groups.kept_whole)
+        ({'1': 8}, ['4'])
+    """
+    tp = torch_pruning()
+    graph = dependency_graph(model, example_input)
+    found = ChannelGroups()
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm) or not module.affine:
+            continue
+        if include and not any(_matches(p, (name, name)) for p in include):
+            continue
+        if any(_matches(p, (name, name)) for p in exclude or ()):
+            continue
+        why = _why_kept_whole(graph.get_pruning_group(module, tp.prune_batchnorm_out_channels, idxs=[0]), module, tp)
+        if why:
+            found.kept_whole[name] = why
+        else:
+            found.removable[name] = module.num_features
+    return found
+
+
+def _why_kept_whole(group, norm: nn.Module, tp) -> str:
+    """Why a channel of ``norm`` cannot go on its own ("" when it can)."""
+    norms, producers, readers = [], [], 0
+    for dep, _ in group:
+        module, handler = dep.target.module, dep.handler
+        if isinstance(module, _BatchNorm) or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            norms.append(module)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if _handler_is(handler, "out"):
+                if getattr(module, "groups", 1) > 1:
+                    return "a grouped or depthwise convolution carries its channels on"
+                producers.append(module)
+            elif _handler_is(handler, "in"):
+                readers += 1
+        elif isinstance(module, nn.Module) and not _is_passthrough(dep.target):
+            return f"{type(module).__name__} reads its channels"
+    others = [m for m in norms if m is not norm]
+    if others:
+        return "joined to other layers' channels (a residual addition or a concatenation)"
+    if len(producers) != 1:
+        return "no single convolution or linear layer computes its channels"
+    if not readers:
+        return "no convolution or linear layer reads its channels (the network's output)"
+    return ""
+
+
+def _handler_is(handler, side: str) -> bool:
+    return f"prune_{side}_channels" in getattr(handler, "__name__", str(handler))
+
+
+def _is_passthrough(node) -> bool:
+    return type(node.module).__name__.startswith("_") or isinstance(
+        node.module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity,
+                      nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Sequential)
+    )
+
+
+def reparametrize_channels(
+    model: nn.Module, names: list[str], temperature: float = 0.5, grad_temperature: float = 0.1
+) -> list[str]:
+    """Mask the channels of the BatchNorm layers ``names`` (from :func:`channel_groups`): ``γ ← γ·h_T(γ)``, and
+    ``β ← β·h_T(γ)``. Returns the masked tensors' names (``"<layer>.weight"``)."""
+    attached = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) and "weight" in module.parametrizations:
+            continue
+        with torch.no_grad():
+            scale = CHANNEL_SCALE * float(module.weight.abs().mean())
+        if not scale > 0:
+            raise ValueError(f"Cannot mask the channels of {name}: its scales γ are all zero.")
+        mask = MagnitudeMask(module.weight.shape, scale, 1.0, temperature, grad_temperature).to(module.weight.device)
+        register_mask(module, "weight", mask)
+        attached.append(f"{name}.weight")
+    return attached
+
+
+def example_batch_input(batch: Any) -> Tensor | None:
+    """The network's input in a batch: the batch itself, or the first element of a tuple/list batch."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    return None
+
+
+def example_input(trainer: Any, pl_module: nn.Module) -> Any:
+    """An input of the module, to trace it: its ``example_input_array``, else the first batch of its training data."""
+    if getattr(pl_module, "example_input_array", None) is not None:
+        return pl_module.example_input_array
+    loader = None
+    if getattr(trainer, "datamodule", None) is not None:
+        loader = trainer.datamodule.train_dataloader()
+    else:
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+    found = example_batch_input(next(iter(loader))) if loader is not None else None
+    if found is None:
+        raise ValueError(
+            "BudgetCallback: structure='channels' traces the network once to find which channels go together, and "
+            "needs an input: set `self.example_input_array` in your LightningModule (one batch of inputs)."
+        )
+    return found

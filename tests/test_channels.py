@@ -1,0 +1,224 @@
+"""The channel budget (``structure="channels"``): exact zeros for removed channels, which channels may go, the
+smaller network computing the same outputs, checkpoints, and the callback in a user's module with BatchNorm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from plain_modules import PlainClassifier, quiet_trainer
+from torch import nn
+
+from lightning_prune import BudgetCallback, budget_count, finalize, masked_parameters, remove_channels, save_smaller
+from lightning_prune.backbones import VGG19, ResNet18
+from lightning_prune.channel_groups import channel_groups, reparametrize_channels
+from lightning_prune.channel_removal import layer_shapes, macs_and_parameters
+from lightning_prune.checkpoint_format import to_plain_checkpoint
+from lightning_prune.data import DigitsDataModule
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _random_channel_masks(model: nn.Module, names: list[str], sparsity: float, seed: int = 0) -> None:
+    """Mask the channels of ``names`` and cut them at ``sparsity`` from random scales (an untrained network)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            bn = model.get_submodule(name)
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator))
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) + 0.5)
+    reparametrize_channels(model, names)
+    finalize(model, sparsity=sparsity)
+
+
+class BatchNormClassifier(PlainClassifier):
+    """A user's classifier with BatchNorm, written without any knowledge of lightning_prune."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__(lr)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10),
+        )
+
+
+def test_a_removed_channel_outputs_exactly_zero_and_the_others_are_unchanged():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    plain = nn.BatchNorm2d(6).eval()
+    plain.load_state_dict(bn.state_dict())
+    reparametrize_channels(nn.Sequential(bn), ["0"])
+    kept = torch.tensor([True, False, True, False, True, True])
+    bn.parametrizations.weight[0].harden(kept)
+    bn.eval()
+    x = torch.randn(3, 6, 5, 5)
+    y = bn(x)
+    assert torch.equal(y[:, ~kept], torch.zeros_like(y[:, ~kept]))
+    assert torch.equal(y[:, kept], plain(x)[:, kept])
+
+
+def test_soft_gate_multiplies_scale_and_shift_alike():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.2, 0.6, 1.0, 1.4]))
+        bn.bias.copy_(torch.tensor([1.0, -1.0, 2.0, 0.5]))
+    x = torch.randn(5, 4)
+    normalised = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    reparametrize_channels(nn.Sequential(bn), ["0"])
+    mask = bn.parametrizations.weight[0]
+    h = torch.sigmoid((bn.parametrizations.weight.original.abs() / mask.scale - 1.0) / mask.temperature)
+    expected = normalised * (bn.parametrizations.weight.original * h) + bn.bias * h
+    torch.testing.assert_close(bn(x), expected)
+
+
+def test_which_channels_can_go_on_their_own_in_vgg_and_resnet():
+    x = torch.randn(2, 3, 32, 32)
+    vgg = channel_groups(VGG19(width_multiplier=0.25), x)
+    assert len(vgg.removable) == 16 and not vgg.kept_whole
+    resnet = channel_groups(ResNet18(width=8), x)
+    assert sorted(resnet.removable) == sorted(f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2))
+    assert "residual" in resnet.kept_whole["layer1.0.bn2"] and "residual" in resnet.kept_whole["bn1"]
+    last = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
+    assert not last.removable and "output" in last.kept_whole["1"]
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet18"])
+def test_the_smaller_network_computes_what_the_masked_one_computes(backbone):
+    torch.manual_seed(0)
+    model = VGG19(width_multiplier=0.25) if backbone == "vgg19" else ResNet18(width=8)
+    x = torch.randn(4, 3, 32, 32)
+    names = list(channel_groups(model, x).removable)
+    _random_channel_masks(model, names, sparsity=0.5)
+    kept = {p.name.rpartition(".")[0]: int(p.mask.kept.sum()) for p in masked_parameters(model)}
+    assert sum(kept.values()) == budget_count(sum(model.get_submodule(n).num_features for n in names), 0.5)
+    small = remove_channels(model, x, check=False)
+    model.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+    shapes = layer_shapes(small)
+    for name, count in kept.items():
+        assert shapes[name] == [count]
+    assert macs_and_parameters(small, x)[0] < 0.6 * macs_and_parameters(model, x)[0]
+    assert not masked_parameters(small) and masked_parameters(model)  # the model itself keeps its masks
+
+
+def test_removing_soft_channels_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    reparametrize_channels(model, ["1"])
+    with pytest.raises(ValueError, match="soft masks"):
+        remove_channels(model, torch.randn(1, 3, 8, 8))
+
+
+def test_a_checkpoint_before_the_cut_loads_into_a_plain_module_that_computes_the_same():
+    torch.manual_seed(0)
+    model = BatchNormClassifier().eval()
+    reparametrize_channels(model, ["net.1", "net.5"])
+    with torch.no_grad():
+        model.net[1].bias.normal_()
+    x = torch.randn(3, 1, 16, 16)
+    checkpoint = {"state_dict": model.state_dict()}
+    to_plain_checkpoint(checkpoint, model)
+    fresh = BatchNormClassifier().eval()
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-6)
+    raw = checkpoint["lightning_prune"]["masks"]["net.1.weight"]["shift"]
+    torch.testing.assert_close(raw, model.net[1].bias.detach())  # the shift as trained, for a resume
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("channels")
+    torch.manual_seed(0)
+    model = BatchNormClassifier()
+    callback = BudgetCallback(sparsity=0.5, structure="channels")
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=10, enable_checkpointing=True,
+                            callbacks=[callback, ModelCheckpoint(dirpath=root, save_last=True)])
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
+    return root / "last.ckpt", model, callback
+
+
+def test_the_callback_cuts_a_users_module_to_the_channel_budget(channel_run):
+    _, model, callback = channel_run
+    params = masked_parameters(model)
+    assert sorted(p.name for p in params) == ["net.1.weight", "net.10.weight", "net.5.weight"]
+    assert all(bool(p.mask.hard) for p in params)
+    assert callback.report.kept == budget_count(16 + 32 + 64, 0.5) == sum(int(p.mask.kept.sum()) for p in params)
+    assert "3 BatchNorm layers, 112 channels" in callback.report.coverage
+    x = torch.randn(8, 1, 16, 16)
+    small = remove_channels(model, x)
+    assert small.net[0].out_channels + small.net[4].out_channels + small.net[9].out_features == callback.report.kept
+
+
+def test_a_channel_checkpoint_loads_in_a_new_process_without_lightning_prune(channel_run, tmp_path):
+    path, model, _ = channel_run
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, json, torch\n"
+        "from test_channels import BatchNormClassifier\n"
+        f"model = BatchNormClassifier.load_from_checkpoint({str(path)!r}).eval()\n"
+        f"print(json.dumps(model(torch.load({str(tmp_path / 'x.pt')!r})).tolist()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), model.eval()(x),
+                               rtol=0, atol=1e-5)
+
+
+def test_the_saved_smaller_network_runs_without_its_classes(channel_run, tmp_path):
+    _, model, _ = channel_run
+    x = torch.randn(2, 1, 16, 16)
+    small = remove_channels(model, x)
+    path = save_smaller(small, tmp_path / "small.pt2", x)
+    loaded = torch.export.load(path).module()
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=1e-5)
+    shapes = json.loads((tmp_path / "small.pt2.shapes.json").read_text())
+    assert shapes["net.1"] == [small.net[1].num_features] and shapes["net.1"][0] < 16
+
+
+def test_a_module_without_batchnorm_is_refused_before_any_change():
+    model = PlainClassifier()
+    with pytest.raises(ValueError, match="no channel to prune"):
+        _fit(model, BudgetCallback(structure="channels"))
+    assert not masked_parameters(model) and not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+class _DictBatches(BatchNormClassifier):
+    """A module whose batches are dicts (Hugging Face style): no input to trace without example_input_array."""
+
+    def train_dataloader(self):
+        data = [{"x": torch.randn(1, 16, 16), "y": torch.tensor(0)} for _ in range(8)]
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+
+def test_without_an_input_to_trace_the_error_names_example_input_array():
+    model = _DictBatches()
+    with pytest.raises(ValueError, match="example_input_array"):
+        quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(structure="channels")]).fit(model)
+    model.example_input_array = torch.randn(2, 1, 16, 16)
+    callback = BudgetCallback(sparsity=0.5, structure="channels")
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model)
+    assert callback.report.kept == budget_count(112, 0.5)
+
+
+def _fit(model: pl.LightningModule, callback: BudgetCallback) -> None:
+    quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(
+        model, DigitsDataModule(image_size=16, batch_size=32)
+    )
