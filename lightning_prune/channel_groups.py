@@ -91,7 +91,7 @@ def channel_groups(
             continue
         if any(_matches(p, (name, name)) for p in exclude or ()):
             continue
-        why = _why_kept_whole(graph.get_pruning_group(module, tp.prune_batchnorm_out_channels, idxs=[0]), module, tp)
+        why = _why_kept_whole(graph.get_pruning_group(module, tp.prune_batchnorm_out_channels, idxs=[0]), module)
         if why:
             found.kept_whole[name] = why
         else:
@@ -99,12 +99,12 @@ def channel_groups(
     return found
 
 
-def _why_kept_whole(group, norm: nn.Module, tp) -> str:
+def _why_kept_whole(group, norm: nn.Module) -> str:
     """Why a channel of ``norm`` cannot go on its own ("" when it can)."""
     norms, producers, readers = [], [], 0
     for dep, _ in group:
         module, handler = dep.target.module, dep.handler
-        if isinstance(module, _BatchNorm) or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             norms.append(module)
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             if _handler_is(handler, "out"):
@@ -130,6 +130,8 @@ def _handler_is(handler, side: str) -> bool:
 
 
 def _is_passthrough(node) -> bool:
+    """Torch-Pruning's internal nodes (functional operations, names with ``_``) and modules that keep a zero channel at
+    zero; a functional activation with ``f(0) != 0`` is caught by ``remove_channels``' output check."""
     return type(node.module).__name__.startswith("_") or isinstance(
         node.module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity,
                       nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Sequential)
@@ -176,6 +178,8 @@ def example_input(trainer: Any, pl_module: nn.Module) -> Any:
         source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
         loader = source.dataloader() if source is not None and source.is_defined() else None
     found = example_batch_input(next(iter(loader))) if loader is not None else None
+    if isinstance(found, Tensor):
+        found = found[:2].to(next(pl_module.parameters()).device)  # two samples are enough to trace
     if found is None:
         raise ValueError(
             "BudgetCallback: structure='channels' traces the network once to find which channels go together, and "

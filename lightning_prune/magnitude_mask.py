@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.fused_kernels import run_fused, use_fused
+
 #: True while torch.compile (dynamo) traces the code.
 is_compiling = torch.compiler.is_compiling
 
@@ -25,6 +27,22 @@ def _gate_of_score(score: Tensor, threshold: Tensor, temperature: Tensor) -> Ten
     return score.sub_(threshold).div_(temperature.clamp_min(1e-12)).sigmoid_()
 
 
+def _forward_math(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, step: bool) -> Tensor:
+    score = wide(theta).abs() / scale
+    if step:
+        return torch.where(score > threshold, theta, torch.zeros_like(theta))
+    return (wide(theta) * torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))).to(theta.dtype)
+
+
+def _backward_math(theta: Tensor, grad_out: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor,
+                   grad_temperature: Tensor, step: bool) -> Tensor:
+    slope_t = torch.maximum(temperature, grad_temperature)
+    score = wide(theta).abs() / scale
+    h_b = torch.sigmoid((score - threshold) / slope_t)
+    h = (score > threshold).to(score.dtype) if step else torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))
+    return (grad_out * (h + score / slope_t * h_b * (1 - h_b))).to(theta.dtype)
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``w = θ·h_T(θ)``; the backward pass takes the slope of ``h`` at ``T_b = max(T, grad_temperature)``.
 
@@ -37,6 +55,9 @@ class _MaskedWeight(torch.autograd.Function):
                 step: bool = False):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
         ctx.step = step
+        fused = run_fused(_forward_math, theta, scale, threshold, temperature, step) if use_fused(theta) else None
+        if fused is not None:  # one pass (large tensors); else the eager passes below
+            return fused
         if step:  # T = 0, known on the host: the step gate without the sigmoid's passes
             return torch.where(wide(theta).abs().div_(scale) > threshold, theta, theta.new_zeros(()))
         return gate(theta, scale, threshold, temperature).mul_(theta).to(theta.dtype)
@@ -44,6 +65,10 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
+        if use_fused(theta):
+            fused = run_fused(_backward_math, theta, grad_out, scale, threshold, temperature, grad_temperature, ctx.step)
+            if fused is not None:
+                return fused, None, None, None, None, None
         slope_t = torch.maximum(temperature, grad_temperature)
         # in place on three weight-sized buffers: score, h_b and h
         score = wide(theta).abs().div_(scale)

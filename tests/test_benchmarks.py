@@ -283,3 +283,33 @@ def test_budget_tracking_measures_the_share_before_the_cut_and_the_cut(tmp_path)
     assert row.passed == (abs(row.relative_gap) <= 0.1 and row.cut_effect <= 0.05)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["rows"][0]["hard_share_before_cut"] == row.hard_share_before_cut
+
+
+def test_step_phases_times_each_phase_fused_and_eager(tmp_path, monkeypatch):
+    phases = _load("step_phases")
+    tiny = lambda num_classes: phases.Conv4(num_classes=num_classes, width=8, hidden=16)  # noqa: E731
+    monkeypatch.setitem(phases.MODELS, "conv4", tiny)
+    threads = torch.get_num_threads()
+    try:
+        result = phases.main(["--model", "conv4", "--threads", "1", "--rounds", "2", "--json", str(tmp_path / "p.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+    assert {(r["phase"], r["kind"]) for r in result["rows"]} == {
+        (p, k) for p in ("gate", "loop", "budget_step", "finite_check") for k in ("fused", "eager")
+    }
+    assert all(r["ms"] > 0 for r in result["rows"])
+
+
+def test_channel_accuracy_compares_the_channel_budget_with_ln_structured_and_torch_pruning(tmp_path):
+    channel = _load("channel_accuracy")
+    result = channel.main(["--threads", "1", "--seeds", "0", "--epochs", "2", "--width", "8", "--hidden", "16",
+                           "--sparsities", "0.5", "--json", str(tmp_path / "c.json")])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(channel.METHODS)
+    # ours and Torch-Pruning take out half of the 32 channels; ModelPruning's masks zero them but keep the size
+    assert rows["channels"]["channels_removed"] == rows["tp_oneshot"]["channels_removed"] == 0.5
+    assert rows["ln_structured"]["channels_removed"] == pytest.approx(0.5, abs=0.07)
+    assert rows["ln_structured"]["macs_removed"] == 0.0 and rows["dense"]["macs_removed"] == 0.0
+    assert 0.5 < rows["channels"]["macs_removed"] < 0.9
+    assert all(0 <= r["test_acc"] <= 1 for r in rows.values())

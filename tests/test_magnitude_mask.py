@@ -128,3 +128,4 @@ def test_gradient_is_h_plus_the_bounded_slope_in_every_regime(temperature):
     h_b = torch.sigmoid((score - 1.0) / t_b)
     expected = (h + score / t_b * h_b * (1 - h_b)) * grad_out
     torch.testing.assert_close(theta.grad, expected, rtol=1e-5, atol=1e-6)
+

@@ -1,0 +1,131 @@
+"""CPU inference latency of networks whose channels were removed (``structure="channels"``) against the dense one.
+
+For each model and channel sparsity, the BatchNorm layers whose channels can go on their own
+(:func:`lightning_prune.channel_groups.channel_groups`) get channel masks, cut at that sparsity by
+``finalize`` from random scales γ (latency depends only on the layer shapes, not on what was learnt; accuracy is
+measured by ``accuracy_at_budget.py --methods channels``), and :func:`lightning_prune.remove_channels` builds the
+smaller network, whose outputs are checked equal to the masked one's. Two variants run, alternating round by round
+(``inference_speed.latencies``): ``dense`` and ``structured`` (the smaller network). A network pruned with masks only
+(Lightning's ``ModelPruning(pruning_fn="ln_structured")``, or the channel masks before removal) runs the dense
+kernels: its latency is the dense one's.
+
+Each row has the MACs and parameters of the variant (Torch-Pruning's counter, one sample) and the share of the dense
+MACs removed. Usage::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/channel_inference_speed.py --threads 2 \
+        --json benchmarks/results/inference_structured.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from inference_speed import latencies
+from result_files import write_json
+from torch import nn
+
+from lightning_prune import finalize, remove_channels
+from lightning_prune.backbones import VGG19, Conv4, ResNet18
+from lightning_prune.channel_groups import channel_groups, reparametrize_channels
+from lightning_prune.channel_removal import macs_and_parameters
+
+KINDS = ("dense", "structured")
+#: name -> (builder, input shape without the batch dimension)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "vgg19": (lambda: VGG19(num_classes=10), (3, 32, 32)),
+    "resnet18": (lambda: ResNet18(num_classes=10), (3, 32, 32)),
+    "conv4_bn": (lambda: Conv4(num_classes=10, in_channels=3, input_size=32, batch_norm=True), (3, 32, 32)),
+}
+
+
+def smaller(dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int = 0) -> nn.Module:
+    """The dense network with ``sparsity`` of its removable channels taken out, chosen from random scales."""
+    model = copy.deepcopy(dense)
+    x = torch.randn(2, *shape)
+    names = list(channel_groups(model, x).removable)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            bn = model.get_submodule(name)
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
+    reparametrize_channels(model, names)
+    finalize(model, sparsity=sparsity)
+    return remove_channels(model, x).eval()
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                        help="shares of the removable channels taken out")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of alternated timing per configuration")
+    parser.add_argument("--block", type=float, default=0.05, help="seconds of calls per timed block")
+    parser.add_argument("--max-seconds", type=float, default=12.0, help="time cap per (model, sparsity, batch)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for name in args.models:
+        build, shape = MODELS[name]
+        torch.manual_seed(0)
+        dense = build().eval()
+        one = torch.randn(1, *shape)
+        dense_macs, dense_params = macs_and_parameters(dense, one)
+        for sparsity in args.sparsities:
+            models = {"dense": dense, "structured": smaller(dense, shape, sparsity)}
+            sizes = {kind: macs_and_parameters(model, one) for kind, model in models.items()}
+            for batch in args.batches:
+                torch.manual_seed(1)
+                seconds = latencies(models, torch.randn(batch, *shape), args.repeats, args.block, args.max_seconds)
+                for kind in KINDS:
+                    macs, params = sizes[kind]
+                    rows.append({
+                        "model": name, "kind": kind, "channel_sparsity": sparsity, "batch": batch,
+                        "latency_ms": round(seconds[kind] * 1e3, 4),
+                        "speedup": round(seconds["dense"] / seconds[kind], 3),
+                        "macs": macs, "params": params,
+                        "macs_removed": round(1 - macs / dense_macs, 4),
+                        "params_removed": round(1 - params / dense_params, 4),
+                    })
+            print(f"[{time.perf_counter() - started:6.0f} s] {name} at {sparsity:.0%} of the channels: "
+                  f"{1 - sizes['structured'][0] / dense_macs:.1%} of the MACs removed", file=sys.stderr, flush=True)
+    config = {"torch": torch.__version__, "threads": args.threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+              "repeats": args.repeats, "block_s": args.block, "seconds": round(time.perf_counter() - started, 1)}
+    print(table(rows, config))
+    result = {"config": config, "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def table(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """Markdown: one line per (model, channel sparsity, batch)."""
+    lines = [
+        f"torch {config['torch']}, {config['threads']} threads, median of up to {config['repeats']} alternated rounds",
+        "",
+        "| model | channels removed | MACs removed | params removed | batch | dense ms | smaller ms | speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    dense = {(r["model"], r["channel_sparsity"], r["batch"]): r for r in rows if r["kind"] == "dense"}
+    for r in rows:
+        if r["kind"] == "structured":
+            d = dense[(r["model"], r["channel_sparsity"], r["batch"])]
+            lines.append(
+                f"| {r['model']} | {r['channel_sparsity']:.0%} | {r['macs_removed']:.1%} | {r['params_removed']:.1%} "
+                f"| {r['batch']} | {d['latency_ms']:.3f} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
