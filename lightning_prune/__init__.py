@@ -24,7 +24,7 @@ from lightning_prune.reparametrize import (
 )
 from lightning_prune.sparse_export import SparseLinear, sparse_linear_export
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "BudgetCallback",
