@@ -28,19 +28,27 @@ def use_fused(weight: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def run_fused(fn: Callable[..., Tensor], weight: Tensor, *args) -> Tensor | None:
+def run_fused(fn: Callable[..., Tensor | None], weight: Tensor, *args) -> Tensor | None:
     """``fn(weight, *args)`` compiled, on 1-D aliases of the tensors shaped like ``weight``; the result in ``weight``'s
-    shape, or ``None`` where compiling failed (the caller computes it eagerly)."""
+    shape (``weight`` itself where ``fn`` returns nothing), or ``None`` where compiling failed (the caller computes it
+    eagerly)."""
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
     flat = [_flat(a) if isinstance(a, Tensor) and a.shape == weight.shape and a.dim() else a for a in (weight, *args)]
     try:
-        return _compiled[fn](*flat).view(weight.shape)
+        result = _compiled[fn](*flat)
     except Exception as err:  # noqa: BLE001 - any compiler failure: the eager operations compute the same
         _state["broken"] = True
         warnings.warn(f"lightning_prune: the fused kernels could not be compiled ({type(err).__name__}: "
                       f"{str(err)[:200]}); using eager operations (slower, same values).", stacklevel=2)
         return None
+    return weight if result is None else result.view(weight.shape)
+
+
+def run_fused_inplace(fn: Callable[..., None], weight: Tensor, *args) -> bool:
+    """``fn(weight, *args)`` compiled, where ``fn`` writes its result into ``weight`` (contiguous, so that the 1-D alias
+    shares its memory): one pass, with no copy back. Returns whether it ran (else the caller computes it eagerly)."""
+    return weight.is_contiguous() and run_fused(fn, weight, *args) is not None
 
 
 def _flat(tensor: Tensor) -> Tensor:

@@ -35,11 +35,14 @@ def _forward_math(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: 
 
 
 def _backward_math(theta: Tensor, grad_out: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor,
-                   grad_temperature: Tensor, step: bool) -> Tensor:
+                   grad_temperature: Tensor, step: bool, one_slope: bool) -> Tensor:
     slope_t = torch.maximum(temperature, grad_temperature)
     score = wide(theta).abs() / scale
     h_b = torch.sigmoid((score - threshold) / slope_t)
-    h = (score > threshold).to(score.dtype) if step else torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))
+    if one_slope:  # T >= T_b: h_T is h_b, one sigmoid instead of two
+        h = h_b
+    else:
+        h = (score > threshold).to(score.dtype) if step else torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))
     return (grad_out * (h + score / slope_t * h_b * (1 - h_b))).to(theta.dtype)
 
 
@@ -48,13 +51,14 @@ class _MaskedWeight(torch.autograd.Function):
 
     ``dw/dθ = h_T + θ·h'_{T_b} = h_T + (|θ|/(s·T_b))·h_b(1 − h_b)``, bounded by ``1 + (|θ|/s)/(4·T_b)`` however small
     ``T`` gets. Only θ is saved (``h`` is recomputed in the backward pass): the reparametrization keeps one tensor.
+    ``step`` (``T = 0``) and ``one_slope`` (``T >= grad_temperature``, so ``h_b`` is ``h_T``) are known on the host.
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor,
-                step: bool = False):
+                step: bool = False, one_slope: bool = False):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        ctx.step = step
+        ctx.step, ctx.one_slope = step, one_slope and not step
         fused = run_fused(_forward_math, theta, scale, threshold, temperature, step) if use_fused(theta) else None
         if fused is not None:  # one pass (large tensors); else the eager passes below
             return fused
@@ -66,16 +70,20 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         if use_fused(theta):
-            fused = run_fused(_backward_math, theta, grad_out, scale, threshold, temperature, grad_temperature, ctx.step)
+            fused = run_fused(_backward_math, theta, grad_out, scale, threshold, temperature, grad_temperature, ctx.step,
+                              ctx.one_slope)
             if fused is not None:
-                return fused, None, None, None, None, None
+                return fused, None, None, None, None, None, None
         slope_t = torch.maximum(temperature, grad_temperature)
         # in place on three weight-sized buffers: score, h_b and h
         score = wide(theta).abs().div_(scale)
         h_b = _gate_of_score(score.clone(), threshold, slope_t)
-        h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
+        if ctx.one_slope:
+            h = h_b.clone()
+        else:
+            h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
         local = h_b.addcmul_(h_b, h_b, value=-1).mul_(score).div_(slope_t).add_(h)  # h + (|θ|/(s·T_b))·h_b(1 − h_b)
-        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None
+        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None, None
 
 
 class MagnitudeMask(nn.Module):
@@ -126,7 +134,10 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("hard", torch.tensor(False))
         self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_renamed_buffer)
+        self.register_load_state_dict_post_hook(_read_floor)
         self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
+        self.one_slope = False  # set by set_temperature: T >= grad_temperature, one sigmoid in the backward pass
+        self._floor = float(grad_temperature)  # grad_temperature on the host: set_temperature reads no device value
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
@@ -136,13 +147,16 @@ class MagnitudeMask(nn.Module):
         return self._masked(theta) if self.hard else self._soft(theta)
 
     def _soft(self, theta: Tensor) -> Tensor:
-        step = self.step_gate and not is_compiling()
-        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step)
+        eager = not is_compiling()
+        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature,
+                                   self.step_gate and eager, self.one_slope and eager)
 
     def set_temperature(self, temperature: float) -> None:
-        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0."""
+        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0 (the backward pass
+        one sigmoid when ``T >= grad_temperature``)."""
         self.temperature.fill_(temperature)
         self.step_gate = temperature == 0
+        self.one_slope = temperature >= self._floor
 
     def _masked(self, theta: Tensor) -> Tensor:
         # a select: autograd keeps the boolean mask (a buffer) for the backward, not a float copy of it
@@ -174,6 +188,12 @@ class MagnitudeMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item():.4g}, threshold={self.threshold.item():.4g}, hard={bool(self.hard)}"
+
+
+def _read_floor(module: MagnitudeMask, incompatible_keys) -> None:
+    """After a load: ``grad_temperature`` on the host again, and ``T`` as in the loaded buffer."""
+    module._floor = float(module.grad_temperature)
+    module.one_slope = module.step_gate = False
 
 
 def _renamed_buffer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:

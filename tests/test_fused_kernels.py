@@ -9,7 +9,7 @@ import torch
 import lightning_prune.fused_kernels as fused_kernels
 from lightning_prune import masked_parameters, reparametrize
 from lightning_prune.budget import StepMetric, budget_step
-from lightning_prune.magnitude_mask import _MaskedWeight
+from lightning_prune.magnitude_mask import MagnitudeMask, _MaskedWeight
 
 EAGER, FUSED = 10**15, 0  # FUSED_MIN_NUMEL for each path
 
@@ -20,12 +20,12 @@ def test_the_fused_gate_computes_what_the_eager_passes_compute(monkeypatch, dtyp
     theta = torch.randn(64, 33, dtype=dtype, requires_grad=True)
     grad = torch.randn(33, 64, dtype=dtype).t()  # not contiguous, as autograd may pass it
     buffers = torch.tensor(0.8), torch.tensor(1.0)
-    for temperature, step in ((0.3, False), (0.04, False), (0.0, True)):
+    for temperature, step, one_slope in ((0.3, False, False), (0.3, False, True), (0.04, False, False), (0.0, True, False)):
         results = []
         for smallest in (EAGER, FUSED):
             monkeypatch.setattr(fused_kernels, "FUSED_MIN_NUMEL", smallest)
             theta.grad = None
-            w = _MaskedWeight.apply(theta, *buffers, torch.tensor(temperature), torch.tensor(0.1), step)
+            w = _MaskedWeight.apply(theta, *buffers, torch.tensor(temperature), torch.tensor(0.1), step, one_slope)
             w.backward(grad)
             results.append((w.detach(), theta.grad.clone()))
         assert not fused_kernels._state["broken"]
@@ -61,6 +61,36 @@ def test_the_fused_budget_step_computes_what_the_eager_step_computes(monkeypatch
         torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("smallest", [EAGER, FUSED])
+def test_one_sigmoid_in_the_backward_pass_exactly_when_the_temperature_is_above_the_floor(monkeypatch, smallest):
+    monkeypatch.setattr(fused_kernels, "FUSED_MIN_NUMEL", smallest)
+    torch.manual_seed(0)
+    mask = MagnitudeMask((50, 40), scale=0.8, grad_temperature=0.1)
+    theta = torch.randn(50, 40, requires_grad=True)
+    grad = torch.randn(50, 40)
+
+    def gradient(one_slope: bool | None) -> torch.Tensor:
+        theta.grad = None
+        if one_slope is None:  # through the module, with the flag set_temperature chose
+            mask(theta).backward(grad)
+        else:
+            _MaskedWeight.apply(theta, mask.scale, mask.threshold, mask.temperature, mask.grad_temperature, False,
+                                one_slope).backward(grad)
+        return theta.grad.clone()
+
+    for temperature, expected in ((0.3, True), (0.1, True), (0.05, False)):
+        mask.set_temperature(temperature)
+        assert mask.one_slope is expected
+        torch.testing.assert_close(gradient(None), gradient(False), rtol=0, atol=0)  # the two-sigmoid gradient
+    assert not torch.equal(gradient(True), gradient(False))  # at T = 0.05 < floor the shortcut would be wrong
+    # a loaded floor is the one compared with: 0.3 is under 0.5, so two sigmoids
+    state = MagnitudeMask((50, 40), scale=0.8, grad_temperature=0.5).state_dict()
+    mask.load_state_dict(state)
+    mask.set_temperature(0.3)
+    assert not mask.one_slope
+    torch.testing.assert_close(gradient(None), gradient(False), rtol=0, atol=0)
+
+
 def test_a_compiler_failure_falls_back_to_the_eager_passes_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
@@ -77,7 +107,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes_with_one_warning(monk
 
 
 def _all(fn):
-    from lightning_prune.budget import _budget_step_math
+    from lightning_prune.budget import _budget_step_in_place
     from lightning_prune.magnitude_mask import _backward_math, _forward_math
 
-    return {f: fn for f in (_forward_math, _backward_math, _budget_step_math)}
+    return {f: fn for f in (_forward_math, _backward_math, _budget_step_in_place)}
