@@ -2,9 +2,10 @@
 
 Outside ``Trainer.fit``: each phase of one step is timed alone on VGG19's (or another backbone's) reparametrized
 tensors, alternating rounds, with the fused kernels (``lightning_prune.fused_kernels``) and with the eager
-operations. Phases: the masked weights' forward and backward passes (``gate``), the budget loop's sample, margin and
-metric (``loop``, ``BudgetLoop.step`` less the proximal step), the proximal step under Adam's metric
-(``budget_step``), and the non-finite check. ``fit_step_cost.py`` measures the whole step through ``Trainer.fit``.
+operations. Phases: the masked weights' forward and backward passes (``gate``, at a temperature in each of the
+schedule's three regimes), the budget loop's sample, margin and metric (``loop``, ``BudgetLoop.step`` less the proximal
+step), the proximal step under Adam's metric (``budget_step``), and the non-finite check. ``fit_step_cost.py``
+measures the whole step through ``Trainer.fit``.
 
     python benchmarks/step_phases.py --model vgg19 --threads 2 --json benchmarks/results/step_phases_vgg19.json
 """
@@ -32,9 +33,13 @@ def phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: Budge
     params = masked_parameters(model)
     grads = [torch.randn_like(p.latent) for p in params]
 
-    def gate():
-        weights = [getattr(p.module, p.param_name) for p in params]
-        torch.autograd.backward(weights, grads)
+    def gate(temperature: float):
+        def run():
+            for p in params:
+                p.mask.set_temperature(temperature)
+            weights = [getattr(p.module, p.param_name) for p in params]
+            torch.autograd.backward(weights, grads)
+        return run
 
     def sample():
         indices = sample_indices(params, 3)
@@ -48,7 +53,10 @@ def phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: Budge
     def finite():
         bool(torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params])).all())
 
-    return {"gate": gate, "loop": sample, "budget_step": step, "finite_check": finite}
+    # the gate in the schedule's three regimes: T above the backward pass's floor (one sigmoid in the backward pass),
+    # under it (two), and T = 0 after the target reaches the budget (the step in the forward pass)
+    return {"gate, T >= floor": gate(0.3), "gate, 0 < T < floor": gate(0.05), "gate, T = 0": gate(0.0), "loop": sample,
+            "budget_step": step, "finite_check": finite}
 
 
 def main(argv=None) -> dict:
@@ -62,8 +70,6 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = MODELS[args.model](num_classes=10)
     reparametrize(model)
-    for mask in (q.mask for q in masked_parameters(model)):
-        mask.set_temperature(0.05)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()

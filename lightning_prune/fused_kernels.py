@@ -46,9 +46,14 @@ def run_fused(fn: Callable[..., Tensor | None], weight: Tensor, *args) -> Tensor
 
 
 def run_fused_inplace(fn: Callable[..., None], weight: Tensor, *args) -> bool:
-    """``fn(weight, *args)`` compiled, where ``fn`` writes its result into ``weight`` (contiguous, so that the 1-D alias
-    shares its memory): one pass, with no copy back. Returns whether it ran (else the caller computes it eagerly)."""
-    return weight.is_contiguous() and run_fused(fn, weight, *args) is not None
+    """``fn(weight, *args)`` compiled, where ``fn`` writes its result into ``weight``: one pass, with no copy back.
+    Only for a contiguous ``weight`` at a 16-byte aligned address (its 1-D alias then shares its memory, and no
+    compiler copies it for alignment); ``weight``'s version counter is bumped as an eager in-place write would.
+    Returns whether it ran (else the caller computes it another way)."""
+    if not weight.is_contiguous() or weight.data_ptr() % 16 or run_fused(fn, weight, *args) is None:
+        return False
+    torch.autograd.graph.increment_version(weight)
+    return True
 
 
 def _flat(tensor: Tensor) -> Tensor:

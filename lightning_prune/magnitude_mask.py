@@ -92,7 +92,8 @@ class MagnitudeMask(nn.Module):
     It adds no trainable parameter: ``s`` (scale), ``c`` (threshold), ``T`` (temperature) and the backward pass's
     temperature floor are buffers, saved in checkpoints and set by :class:`~lightning_prune.BudgetCallback`. ``T = 0``
     makes the gate the step ``1{|θ|/s > c}`` in the forward pass (the backward pass keeps a bounded slope). Once
-    :meth:`harden` has been called the layer computes ``θ ⊙ M`` with a fixed binary mask ``M``.
+    :meth:`harden` has been called the layer computes ``θ ⊙ M`` with a fixed binary mask ``M``. Change ``T`` with
+    :meth:`set_temperature`, not by writing the buffer: it also picks the cheaper passes that the new ``T`` allows.
 
     Register it with :func:`lightning_prune.reparametrize` rather than by hand.
 
@@ -113,6 +114,12 @@ class MagnitudeMask(nn.Module):
         >>> bool(mask.hard)
         False
     """
+
+    # host flags set by set_temperature (class defaults for modules pickled whole by an earlier version): the step gate
+    # in the forward pass at T = 0, one sigmoid in the backward pass at T >= grad_temperature (held here as _floor)
+    step_gate: bool = False
+    one_slope: bool = False
+    _floor: float = float("inf")
 
     def __init__(
         self,
@@ -135,9 +142,7 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_renamed_buffer)
         self.register_load_state_dict_post_hook(_read_floor)
-        self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
-        self.one_slope = False  # set by set_temperature: T >= grad_temperature, one sigmoid in the backward pass
-        self._floor = float(grad_temperature)  # grad_temperature on the host: set_temperature reads no device value
+        self._floor = float(grad_temperature)  # on the host: set_temperature reads no device value
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():

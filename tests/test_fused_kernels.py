@@ -85,10 +85,35 @@ def test_one_sigmoid_in_the_backward_pass_exactly_when_the_temperature_is_above_
     assert not torch.equal(gradient(True), gradient(False))  # at T = 0.05 < floor the shortcut would be wrong
     # a loaded floor is the one compared with: 0.3 is under 0.5, so two sigmoids
     state = MagnitudeMask((50, 40), scale=0.8, grad_temperature=0.5).state_dict()
+    mask.set_temperature(0.3)
     mask.load_state_dict(state)
+    assert not mask.one_slope and not mask.step_gate  # until the next set_temperature, the general passes
     mask.set_temperature(0.3)
     assert not mask.one_slope
     torch.testing.assert_close(gradient(None), gradient(False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_fused_budget_step_writes_theta_where_it_is(monkeypatch, memory_format):
+    """In place for a contiguous θ (same storage, version bumped as an eager write bumps it); a channels_last θ goes
+    through the copying kernel. Both compute what the eager step computes."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(16, 32, 3).to(memory_format=memory_format)
+    reparametrize(model)
+    (param,) = masked_parameters(model)
+    theta = param.latent
+    start = theta.detach().clone()
+    results = []
+    for smallest in (EAGER, FUSED):
+        monkeypatch.setattr(fused_kernels, "FUSED_MIN_NUMEL", smallest)
+        with torch.no_grad():
+            theta.copy_(start)
+        pointer, version = theta.data_ptr(), theta._version
+        budget_step([param], torch.tensor([0.05]))
+        assert theta.data_ptr() == pointer and theta._version > version
+        results.append(theta.detach().clone())
+    assert not fused_kernels._state["broken"] and not torch.equal(results[0], start)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-8)
 
 
 def test_a_compiler_failure_falls_back_to_the_eager_passes_with_one_warning(monkeypatch):
@@ -107,7 +132,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes_with_one_warning(monk
 
 
 def _all(fn):
-    from lightning_prune.budget import _budget_step_in_place
+    from lightning_prune.budget import _budget_step_in_place, _budget_step_math
     from lightning_prune.magnitude_mask import _backward_math, _forward_math
 
-    return {f: fn for f in (_forward_math, _backward_math, _budget_step_in_place)}
+    return {f: fn for f in (_forward_math, _backward_math, _budget_step_in_place, _budget_step_math)}
