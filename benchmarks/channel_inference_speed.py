@@ -9,8 +9,8 @@ smaller network, whose outputs are checked equal to the masked one's. Two varian
 (Lightning's ``ModelPruning(pruning_fn="ln_structured")``, or the channel masks before removal) runs the dense
 kernels: its latency is the dense one's.
 
-Each row has the MACs and parameters of the variant (Torch-Pruning's counter, one sample) and the share of the dense
-MACs removed. Usage::
+Each row has the MACs and parameters of the variant (Torch-Pruning's counter, one sample), the share of the dense
+MACs removed, and the peak memory of one inference at that batch (:func:`peak_memory_bytes`). Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/channel_inference_speed.py --threads 2 \
         --json benchmarks/results/inference_structured.json
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from inference_speed import latencies
 from result_files import write_json
-from torch import nn
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_prune import finalize, remove_channels
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
@@ -60,6 +61,21 @@ def smaller(dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int
     return remove_channels(model, x).eval()
 
 
+def peak_memory_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes in use at the peak of ``model(x)`` without autograd: the parameters and buffers, plus the largest total
+    of the tensors alive at once during the call (allocations and frees in order, from torch's profiler)."""
+    state = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return state + peak
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -86,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sizes = {kind: macs_and_parameters(model, one) for kind, model in models.items()}
             for batch in args.batches:
                 torch.manual_seed(1)
-                seconds = latencies(models, torch.randn(batch, *shape), args.repeats, args.block, args.max_seconds)
+                x = torch.randn(batch, *shape)
+                memory = {kind: peak_memory_bytes(model, x) for kind, model in models.items()}
+                seconds = latencies(models, x, args.repeats, args.block, args.max_seconds)
                 for kind in KINDS:
                     macs, params = sizes[kind]
                     rows.append({
@@ -96,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "macs": macs, "params": params,
                         "macs_removed": round(1 - macs / dense_macs, 4),
                         "params_removed": round(1 - params / dense_params, 4),
+                        "peak_memory_mb": round(memory[kind] / 2**20, 2),
+                        "memory_ratio": round(memory[kind] / memory["dense"], 3),
                     })
             print(f"[{time.perf_counter() - started:6.0f} s] {name} at {sparsity:.0%} of the channels: "
                   f"{1 - sizes['structured'][0] / dense_macs:.1%} of the MACs removed", file=sys.stderr, flush=True)
@@ -113,8 +133,9 @@ def table(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
     lines = [
         f"torch {config['torch']}, {config['threads']} threads, median of up to {config['repeats']} alternated rounds",
         "",
-        "| model | channels removed | MACs removed | params removed | batch | dense ms | smaller ms | speedup |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | channels removed | MACs removed | params removed | batch | dense ms | smaller ms | speedup "
+        "| peak memory, smaller / dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     dense = {(r["model"], r["channel_sparsity"], r["batch"]): r for r in rows if r["kind"] == "dense"}
     for r in rows:
@@ -122,7 +143,8 @@ def table(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
             d = dense[(r["model"], r["channel_sparsity"], r["batch"])]
             lines.append(
                 f"| {r['model']} | {r['channel_sparsity']:.0%} | {r['macs_removed']:.1%} | {r['params_removed']:.1%} "
-                f"| {r['batch']} | {d['latency_ms']:.3f} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× |"
+                f"| {r['batch']} | {d['latency_ms']:.3f} | {r['latency_ms']:.3f} | {r['speedup']:.2f}× "
+                f"| {r['memory_ratio']:.2f} |"
             )
     return "\n".join(lines)
 

@@ -33,3 +33,17 @@ def test_rows_have_the_smaller_networks_macs_and_a_speedup_against_dense(tmp_pat
     assert 0.5 < small["macs_removed"] < 0.9 and small["params"] < dense["params"]
     assert small["latency_ms"] > 0 and small["speedup"] > 0
     assert "| conv4_bn | 50% |" in capsys.readouterr().out
+    assert small["peak_memory_mb"] < dense["peak_memory_mb"]
+    assert dense["memory_ratio"] == 1.0 and small["memory_ratio"] < 1.0
+
+
+def test_peak_memory_counts_the_weights_and_the_largest_set_of_live_activations():
+    torch.manual_seed(0)
+    # Linear(256, 1024) then Linear(1024, 8), batch 64: the peak holds the input, the 64x1024 hidden output and the
+    # 64x8 result being written (the input is alive throughout: it is the caller's)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 8))
+    x = torch.randn(64, 256)
+    weights = (256 * 1024 + 1024 + 1024 * 8 + 8) * 4
+    hidden, out = 64 * 1024 * 4, 64 * 8 * 4
+    peak = channel_inference_speed.peak_memory_bytes(model, x)
+    assert weights + hidden <= peak <= weights + hidden + out + 4096, (peak, weights + hidden)
