@@ -3,7 +3,7 @@
 Outside ``Trainer.fit``: each phase of one step is timed alone on VGG19's (or another backbone's) reparametrized
 tensors, alternating rounds, with the fused kernels (``lightning_prune.fused_kernels``) and with the eager
 operations. Phases: the masked weights' forward and backward passes (``gate``, at a temperature in each of the
-schedule's three regimes), the budget loop's sample, margin and metric (``loop``, ``BudgetLoop.step`` less the proximal
+schedule's two regimes), the budget loop's sample, margin and metric (``loop``, ``BudgetLoop.step`` less the proximal
 step), the proximal step under Adam's metric (``budget_step``), and the non-finite check. ``fit_step_cost.py``
 measures the whole step through ``Trainer.fit``.
 
@@ -53,10 +53,10 @@ def phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: Budge
     def finite():
         bool(torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params])).all())
 
-    # the gate in the schedule's three regimes: T above the backward pass's floor (one sigmoid in the backward pass),
-    # under it (two), and T = 0 after the target reaches the budget (the step in the forward pass)
-    return {"gate, T >= floor": gate(0.3), "gate, 0 < T < floor": gate(0.05), "gate, T = 0": gate(0.0), "loop": sample,
-            "budget_step": step, "finite_check": finite}
+    # the gate in the schedule's two regimes: T > 0 (a sigmoid in the forward pass), and T = 0 after the target reaches
+    # the budget (the step in the forward pass); the backward pass is the same in both
+    return {"gate, T > 0": gate(0.05), "gate, T = 0": gate(0.0), "loop": sample, "budget_step": step,
+            "finite_check": finite}
 
 
 def main(argv=None) -> dict:

@@ -35,14 +35,11 @@ def _forward_math(theta: Tensor, scale: Tensor, threshold: Tensor, temperature: 
 
 
 def _backward_math(theta: Tensor, grad_out: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor,
-                   grad_temperature: Tensor, step: bool, one_slope: bool) -> Tensor:
+                   grad_temperature: Tensor, step: bool) -> Tensor:
     slope_t = torch.maximum(temperature, grad_temperature)
     score = wide(theta).abs() / scale
     h_b = torch.sigmoid((score - threshold) / slope_t)
-    if one_slope:  # T >= T_b: h_T is h_b, one sigmoid instead of two
-        h = h_b
-    else:
-        h = (score > threshold).to(score.dtype) if step else torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))
+    h = (score > threshold).to(score.dtype) if step else torch.sigmoid((score - threshold) / temperature.clamp_min(1e-12))
     return (grad_out * (h + score / slope_t * h_b * (1 - h_b))).to(theta.dtype)
 
 
@@ -51,14 +48,13 @@ class _MaskedWeight(torch.autograd.Function):
 
     ``dw/dθ = h_T + θ·h'_{T_b} = h_T + (|θ|/(s·T_b))·h_b(1 − h_b)``, bounded by ``1 + (|θ|/s)/(4·T_b)`` however small
     ``T`` gets. Only θ is saved (``h`` is recomputed in the backward pass): the reparametrization keeps one tensor.
-    ``step`` (``T = 0``) and ``one_slope`` (``T >= grad_temperature``, so ``h_b`` is ``h_T``) are known on the host.
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, threshold: Tensor, temperature: Tensor, grad_temperature: Tensor,
-                step: bool = False, one_slope: bool = False):
+                step: bool = False):
         ctx.save_for_backward(theta, scale, threshold, temperature, grad_temperature)
-        ctx.step, ctx.one_slope = step, one_slope and not step
+        ctx.step = step
         fused = run_fused(_forward_math, theta, scale, threshold, temperature, step) if use_fused(theta) else None
         if fused is not None:  # one pass (large tensors); else the eager passes below
             return fused
@@ -70,20 +66,16 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         theta, scale, threshold, temperature, grad_temperature = ctx.saved_tensors
         if use_fused(theta):
-            fused = run_fused(_backward_math, theta, grad_out, scale, threshold, temperature, grad_temperature, ctx.step,
-                              ctx.one_slope)
+            fused = run_fused(_backward_math, theta, grad_out, scale, threshold, temperature, grad_temperature, ctx.step)
             if fused is not None:
-                return fused, None, None, None, None, None, None
+                return fused, None, None, None, None, None
         slope_t = torch.maximum(temperature, grad_temperature)
         # in place on three weight-sized buffers: score, h_b and h
         score = wide(theta).abs().div_(scale)
         h_b = _gate_of_score(score.clone(), threshold, slope_t)
-        if ctx.one_slope:
-            h = h_b.clone()
-        else:
-            h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
+        h = score > threshold if ctx.step else _gate_of_score(score.clone(), threshold, temperature)
         local = h_b.addcmul_(h_b, h_b, value=-1).mul_(score).div_(slope_t).add_(h)  # h + (|θ|/(s·T_b))·h_b(1 − h_b)
-        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None, None
+        return local.mul_(grad_out).to(theta.dtype), None, None, None, None, None
 
 
 class MagnitudeMask(nn.Module):
@@ -93,7 +85,7 @@ class MagnitudeMask(nn.Module):
     temperature floor are buffers, saved in checkpoints and set by :class:`~lightning_prune.BudgetCallback`. ``T = 0``
     makes the gate the step ``1{|θ|/s > c}`` in the forward pass (the backward pass keeps a bounded slope). Once
     :meth:`harden` has been called the layer computes ``θ ⊙ M`` with a fixed binary mask ``M``. Change ``T`` with
-    :meth:`set_temperature`, not by writing the buffer: it also picks the cheaper passes that the new ``T`` allows.
+    :meth:`set_temperature`, not by writing the buffer: it also picks the cheaper forward pass at ``T = 0``.
 
     Register it with :func:`lightning_prune.reparametrize` rather than by hand.
 
@@ -115,12 +107,6 @@ class MagnitudeMask(nn.Module):
         False
     """
 
-    # host flags set by set_temperature (class defaults for modules pickled whole by an earlier version): the step gate
-    # in the forward pass at T = 0, one sigmoid in the backward pass at T >= grad_temperature (held here as _floor)
-    step_gate: bool = False
-    one_slope: bool = False
-    _floor: float = float("inf")
-
     def __init__(
         self,
         shape: torch.Size | tuple[int, ...],
@@ -141,8 +127,7 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("hard", torch.tensor(False))
         self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_renamed_buffer)
-        self.register_load_state_dict_post_hook(_read_floor)
-        self._floor = float(grad_temperature)  # on the host: set_temperature reads no device value
+        self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
@@ -152,16 +137,13 @@ class MagnitudeMask(nn.Module):
         return self._masked(theta) if self.hard else self._soft(theta)
 
     def _soft(self, theta: Tensor) -> Tensor:
-        eager = not is_compiling()
-        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature,
-                                   self.step_gate and eager, self.one_slope and eager)
+        step = self.step_gate and not is_compiling()
+        return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step)
 
     def set_temperature(self, temperature: float) -> None:
-        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0 (the backward pass
-        one sigmoid when ``T >= grad_temperature``)."""
+        """Set ``T`` (the buffer), and let the forward pass use the cheaper step gate when it is 0."""
         self.temperature.fill_(temperature)
         self.step_gate = temperature == 0
-        self.one_slope = temperature >= self._floor
 
     def _masked(self, theta: Tensor) -> Tensor:
         # a select: autograd keeps the boolean mask (a buffer) for the backward, not a float copy of it
@@ -193,12 +175,6 @@ class MagnitudeMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item():.4g}, threshold={self.threshold.item():.4g}, hard={bool(self.hard)}"
-
-
-def _read_floor(module: MagnitudeMask, incompatible_keys) -> None:
-    """After a load: ``grad_temperature`` on the host again, and ``T`` as in the loaded buffer."""
-    module._floor = float(module.grad_temperature)
-    module.one_slope = module.step_gate = False
 
 
 def _renamed_buffer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:

@@ -70,7 +70,7 @@ def test_compiled_reparametrized_model_trains_like_eager_in_one_graph(backend):
 
     for i in range(4):
         for model in (eager, twin):
-            _set_temperature(model, 0.5 * 0.4**i)  # a buffer moved between steps (set_temperature's host flags are unused under compile)
+            _set_temperature(model, 0.5 * 0.4**i)  # moved between steps as BudgetCallback does: a buffer
         step(f"step {i}")
         if i == 0:
             graphs = _graphs()

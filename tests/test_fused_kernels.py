@@ -9,7 +9,7 @@ import torch
 import lightning_prune.fused_kernels as fused_kernels
 from lightning_prune import masked_parameters, reparametrize
 from lightning_prune.budget import StepMetric, budget_step
-from lightning_prune.magnitude_mask import MagnitudeMask, _MaskedWeight
+from lightning_prune.magnitude_mask import _MaskedWeight
 
 EAGER, FUSED = 10**15, 0  # FUSED_MIN_NUMEL for each path
 
@@ -20,12 +20,12 @@ def test_the_fused_gate_computes_what_the_eager_passes_compute(monkeypatch, dtyp
     theta = torch.randn(64, 33, dtype=dtype, requires_grad=True)
     grad = torch.randn(33, 64, dtype=dtype).t()  # not contiguous, as autograd may pass it
     buffers = torch.tensor(0.8), torch.tensor(1.0)
-    for temperature, step, one_slope in ((0.3, False, False), (0.3, False, True), (0.04, False, False), (0.0, True, False)):
+    for temperature, step in ((0.3, False), (0.04, False), (0.0, True)):
         results = []
         for smallest in (EAGER, FUSED):
             monkeypatch.setattr(fused_kernels, "FUSED_MIN_NUMEL", smallest)
             theta.grad = None
-            w = _MaskedWeight.apply(theta, *buffers, torch.tensor(temperature), torch.tensor(0.1), step, one_slope)
+            w = _MaskedWeight.apply(theta, *buffers, torch.tensor(temperature), torch.tensor(0.1), step)
             w.backward(grad)
             results.append((w.detach(), theta.grad.clone()))
         assert not fused_kernels._state["broken"]
@@ -59,38 +59,6 @@ def test_the_fused_budget_step_computes_what_the_eager_step_computes(monkeypatch
     for eager, fused, before in zip(*results, start):
         assert not torch.equal(eager, before)  # the step moved the weights
         torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("smallest", [EAGER, FUSED])
-def test_one_sigmoid_in_the_backward_pass_exactly_when_the_temperature_is_above_the_floor(monkeypatch, smallest):
-    monkeypatch.setattr(fused_kernels, "FUSED_MIN_NUMEL", smallest)
-    torch.manual_seed(0)
-    mask = MagnitudeMask((50, 40), scale=0.8, grad_temperature=0.1)
-    theta = torch.randn(50, 40, requires_grad=True)
-    grad = torch.randn(50, 40)
-
-    def gradient(one_slope: bool | None) -> torch.Tensor:
-        theta.grad = None
-        if one_slope is None:  # through the module, with the flag set_temperature chose
-            mask(theta).backward(grad)
-        else:
-            _MaskedWeight.apply(theta, mask.scale, mask.threshold, mask.temperature, mask.grad_temperature, False,
-                                one_slope).backward(grad)
-        return theta.grad.clone()
-
-    for temperature, expected in ((0.3, True), (0.1, True), (0.05, False)):
-        mask.set_temperature(temperature)
-        assert mask.one_slope is expected
-        torch.testing.assert_close(gradient(None), gradient(False), rtol=0, atol=0)  # the two-sigmoid gradient
-    assert not torch.equal(gradient(True), gradient(False))  # at T = 0.05 < floor the shortcut would be wrong
-    # a loaded floor is the one compared with: 0.3 is under 0.5, so two sigmoids
-    state = MagnitudeMask((50, 40), scale=0.8, grad_temperature=0.5).state_dict()
-    mask.set_temperature(0.3)
-    mask.load_state_dict(state)
-    assert not mask.one_slope and not mask.step_gate  # until the next set_temperature, the general passes
-    mask.set_temperature(0.3)
-    assert not mask.one_slope
-    torch.testing.assert_close(gradient(None), gradient(False), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
