@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_prune.fused_kernels import run_fused, run_fused_inplace, use_fused
+from lightning_prune.fused_kernels import run_fused_into, use_fused
 from lightning_prune.magnitude_mask import gate
 from lightning_prune.reparametrize import MaskedParameter
 
@@ -285,12 +285,6 @@ def _budget_step_math(theta: Tensor, v: Tensor | None, rate: Tensor, scale: Tens
     return stepped if limit is None else torch.where(theta.abs() >= limit * scale, theta, stepped)
 
 
-def _budget_step_in_place(theta: Tensor, v: Tensor | None, rate: Tensor, scale: Tensor, reference: Tensor | None,
-                          limit: Tensor | None) -> None:
-    """:func:`_budget_step_math` written into θ: compiled, one pass with no copy back."""
-    theta.copy_(_budget_step_math(theta, v, rate, scale, reference, limit))
-
-
 @torch.no_grad()
 def budget_step(
     params: list[MaskedParameter], rates: Tensor, exempt_above: Tensor | None = None, metric: StepMetric | None = None
@@ -318,13 +312,8 @@ def budget_step(
     reference = metric.reference if metric is not None else None
     for p, rate, limit, v in zip(params, rates, limits, moments):
         theta = p.latent
-        if use_fused(theta):  # one pass over θ (and v) instead of about nine
-            if run_fused_inplace(_budget_step_in_place, theta, v, rate, p.mask.scale, reference, limit):
-                continue
-            stepped = run_fused(_budget_step_math, theta, v, rate, p.mask.scale, reference, limit)  # e.g. channels_last
-            if stepped is not None:
-                theta.copy_(stepped)
-                continue
+        if use_fused(theta) and run_fused_into(_budget_step_math, theta, v, rate, p.mask.scale, reference, limit):
+            continue  # one pass over θ (and v), written in place, instead of about nine
         magnitude = theta.abs()
         exempt = magnitude >= limit * p.mask.scale if limit is not None else None
         if v is None:

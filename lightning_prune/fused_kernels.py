@@ -45,15 +45,32 @@ def run_fused(fn: Callable[..., Tensor | None], weight: Tensor, *args) -> Tensor
     return weight if result is None else result.view(weight.shape)
 
 
-def run_fused_inplace(fn: Callable[..., None], weight: Tensor, *args) -> bool:
-    """``fn(weight, *args)`` compiled, where ``fn`` writes its result into ``weight``: one pass, with no copy back.
-    Only for a contiguous ``weight`` at a 16-byte aligned address (its 1-D alias then shares its memory, and no
-    compiler copies it for alignment); ``weight``'s version counter is bumped as an eager in-place write would.
-    Returns whether it ran (else the caller computes it another way)."""
-    if not weight.is_contiguous() or weight.data_ptr() % 16 or run_fused(fn, weight, *args) is None:
-        return False
-    torch.autograd.graph.increment_version(weight)
-    return True
+def run_fused_into(fn: Callable[..., Tensor], weight: Tensor, *args) -> bool:
+    """``weight.copy_(fn(weight, *args))`` compiled. A contiguous ``weight`` at a 16-byte aligned address is written in
+    the kernel (its 1-D alias shares its memory, and no compiler copies it for alignment): one pass, no copy back, and
+    ``weight``'s version counter bumped as an eager write would. Other layouts (channels_last) get ``fn``'s result
+    copied in. Returns whether it ran (``False``: compiling failed, the caller computes it eagerly)."""
+    if weight.is_contiguous() and weight.data_ptr() % 16 == 0:
+        if run_fused(_writer(fn), weight, *args) is None:
+            return False
+        torch.autograd.graph.increment_version(weight)
+        return True
+    result = run_fused(fn, weight, *args)
+    if result is not None:
+        weight.copy_(result)
+    return result is not None
+
+
+def _writer(fn: Callable[..., Tensor]) -> Callable[..., None]:
+    """``fn`` that writes its result into its first argument (one function per ``fn``: compiled once)."""
+    if fn not in _writers:
+        def write(weight: Tensor, *args) -> None:
+            weight.copy_(fn(weight, *args))
+        _writers[fn] = write
+    return _writers[fn]
+
+
+_writers: dict[Callable, Callable] = {}
 
 
 def _flat(tensor: Tensor) -> Tensor:

@@ -100,7 +100,8 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes_with_one_warning(monk
 
 
 def _all(fn):
-    from lightning_prune.budget import _budget_step_in_place, _budget_step_math
+    from lightning_prune.budget import _budget_step_math
     from lightning_prune.magnitude_mask import _backward_math, _forward_math
 
-    return {f: fn for f in (_forward_math, _backward_math, _budget_step_in_place, _budget_step_math)}
+    kernels = (_forward_math, _backward_math, _budget_step_math, fused_kernels._writer(_budget_step_math))
+    return {f: fn for f in kernels}
