@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -208,6 +209,19 @@ def recipe(a: argparse.Namespace) -> dict:
     }
 
 
+def loop_settings(a: argparse.Namespace) -> LoopSettings:
+    """BudgetCallback's loop settings: the defaults, ``--uniform-step`` and the ``--loop NAME=VALUE`` overrides."""
+    fields = {f.name: f for f in dataclasses.fields(LoopSettings)}
+    values: dict = {"precondition": not a.uniform_step}
+    for item in a.loop:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"--loop takes NAME=VALUE with NAME one of {sorted(fields)}, got {item!r}")
+        default = getattr(LoopSettings(), name)
+        values[name] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else float(value)
+    return LoopSettings(**values)
+
+
 def train(setup: Setup, seed: int, callbacks: list, prune_modelpruning: bool = False):
     """Trains one PrunedClassifier; returns the module and the seconds taken."""
     a = setup.args
@@ -253,7 +267,7 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
     for s in sparsities:
         if "lightning_prune" in methods:
             callback = BudgetCallback(sparsity=s, min_layer_keep=setup.args.min_layer_keep,
-                                      loop=LoopSettings(precondition=not setup.args.uniform_step))
+                                      target_end=setup.args.target_end, loop=loop_settings(setup.args))
             model, dm, seconds = train(setup, seed, [callback])
             record("lightning_prune", s, model.backbone, dm, seconds, callback.min_layer_keep,
                    callback.report.kept_hard_before)
@@ -263,14 +277,14 @@ def run_seed(setup: Setup, seed: int, sparsities: Sequence[float], methods: Sequ
             def make(backbone: nn.Module, s: float = s, epochs: int = epochs) -> ModelPruning:
                 return ModelPruning(
                     "l1_unstructured", parameters_to_prune=prunable_params(backbone),
-                    amount=GradualAmount(s, epochs), use_global_unstructured=True, make_pruning_permanent=True,
+                    amount=GradualAmount(s, epochs, setup.args.target_end), use_global_unstructured=True, make_pruning_permanent=True,
                     use_lottery_ticket_hypothesis=False,
                 )
 
             model, dm, seconds = train(setup, seed, [make], prune_modelpruning=True)
             record("modelpruning", s, model.backbone, dm, seconds)
         if "gmp" in methods:
-            gmp = GradualMagnitudePruning(sparsity=s, target_end=TARGET_END, prune_every=setup.args.gmp_every)
+            gmp = GradualMagnitudePruning(sparsity=s, target_end=setup.args.target_end, prune_every=setup.args.gmp_every)
             model, dm, seconds = train(setup, seed, [gmp])
             print(f"  (gmp: every {gmp.every} of {gmp.ramp_steps} ramp steps, {len(gmp.history)} pruning steps, "
                   f"last at step {gmp.history[-1]['step']}, kept {gmp.history[-1]['kept']}/{gmp.total})", flush=True)
@@ -324,6 +338,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="BudgetCallback(min_layer_keep=...) (default: the callback's: 1%%, at most half the keep share)")
     p.add_argument("--uniform-step", action="store_true",
                    help="BudgetCallback(loop=LoopSettings(precondition=False)): the budget step alike for every weight, not in Adam's metric")
+    p.add_argument("--target-end", type=float, default=TARGET_END,
+                   help="share of training at which every method's schedule reaches the budget (BudgetCallback's "
+                        "target_end, GMP's and ModelPruning's ramps)")
+    p.add_argument("--loop", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="BudgetCallback(loop=LoopSettings(NAME=VALUE, ...)), e.g. --loop temperature_end=0.05")
     p.add_argument("--gmp-every", type=int, default=None,
                    help="gmp: optimizer steps between pruning steps (default 1.5%% of the ramp's steps, at least 1)")
     p.add_argument("--recipe", choices=("adam", "sgd-cosine"), default="adam",

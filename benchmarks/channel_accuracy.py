@@ -94,14 +94,14 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
     start = time.perf_counter()
     x = None
     if method in ("dense", "channels"):
-        callbacks = [BudgetCallback(sparsity=s, structure="channels")] if method == "channels" else []
+        callbacks = [BudgetCallback(sparsity=s, structure="channels", target_end=a.target_end)] if method == "channels" else []
         model, dm = fit(setup, seed, callbacks, a.epochs)
         x = next(iter(dm.test_dataloader()))[0][:1]
         network = remove_channels(model.backbone, x) if method == "channels" else model.backbone
     elif method == "ln_structured":
         def make(backbone: nn.Module) -> ModelPruning:
             return ModelPruning("ln_structured", parameters_to_prune=[(c, "weight") for c in convs(backbone)],
-                                amount=GradualAmount(s, a.epochs), pruning_norm=1, pruning_dim=0,
+                                amount=GradualAmount(s, a.epochs, a.target_end), pruning_norm=1, pruning_dim=0,
                                 use_global_unstructured=False, make_pruning_permanent=True,
                                 use_lottery_ticket_hypothesis=False)
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -112,7 +112,7 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
         network = model.backbone
     else:  # tp_oneshot
         tp = torch_pruning()
-        first = max(1, round(TARGET_END * a.epochs))
+        first = max(1, round(a.target_end * a.epochs))
         model, dm = fit(setup, seed, [], first)
         x = next(iter(dm.test_dataloader()))[0][:1]
         ignored = [m for m in model.backbone.modules() if isinstance(m, nn.Linear)]
@@ -155,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--cifar10-dir", default=None)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--target-end", type=float, default=TARGET_END,
+                   help="share of training at which the channel budget is reached (BudgetCallback's target_end; "
+                        "tp_oneshot prunes there)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.limit_train_batches = 1.0

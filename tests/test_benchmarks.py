@@ -72,6 +72,18 @@ def test_accuracy_at_budget_sgd_recipe_is_the_paper_configs(accuracy):
     assert set(accuracy.recipe(accuracy.parse_args([]))) == {"optimizer"}  # Adam, no schedule
 
 
+
+def test_accuracy_at_budget_passes_the_loop_settings_and_target_end_through(accuracy):
+    args = accuracy.parse_args(["--loop", "temperature_end=0.05", "precondition=false", "--target-end", "0.4"])
+    settings = accuracy.loop_settings(args)
+    assert settings.temperature_end == 0.05 and settings.precondition is False
+    assert settings.exempt_share == accuracy.LoopSettings().exempt_share  # the others keep their defaults
+    assert args.target_end == 0.4
+    assert accuracy.loop_settings(accuracy.parse_args(["--uniform-step"])).precondition is False
+    assert accuracy.parse_args([]).target_end == BudgetCallback().target_end
+    with pytest.raises(SystemExit, match="temperature_end"):
+        accuracy.loop_settings(accuracy.parse_args(["--loop", "temprature_end=0.05"]))
+
 def test_accuracy_at_budget_writes_rows_and_a_summary_for_every_method(accuracy, tmp_path):
     csv_path, json_path = tmp_path / "accuracy.csv", tmp_path / "accuracy.json"
     sparsity = 0.95
