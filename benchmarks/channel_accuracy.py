@@ -10,6 +10,9 @@ the share ``s`` of the channels of the four convolutions (the Linear layers stay
 * ``ln_structured``: ``ModelPruning("ln_structured", pruning_norm=1, pruning_dim=0)`` on the convolutions' weights,
   the share of each layer's output channels along the same cubic schedule as ours, pruned at epoch ends (masks only:
   the network keeps its size, and BatchNorm's shift still feeds the next layer from a pruned channel);
+* ``scratch``: the smaller network that ``channels`` built in the same seed (same layer widths), its weights drawn
+  anew and trained from scratch for all the epochs with the same recipe: what training the smaller architecture
+  directly gives (needs ``channels`` before it in ``--methods``);
 * ``tp_oneshot``: dense training up to 60% of the epochs (where our target reaches the budget), then Torch-Pruning's
   ``MagnitudePruner`` (L1 importance, global ranking, the Linear layers ignored) removes ``s`` of the channels at once,
   and the smaller network trains on for the remaining epochs with the same optimizer and schedule.
@@ -47,7 +50,7 @@ from lightning_prune.backbones import Conv4
 from lightning_prune.channel_groups import torch_pruning
 from lightning_prune.channel_removal import macs_and_parameters
 
-METHODS = ("dense", "channels", "ln_structured", "tp_oneshot")
+METHODS = ("dense", "channels", "scratch", "ln_structured", "tp_oneshot")
 
 
 @dataclass
@@ -89,7 +92,19 @@ def fit(setup: Setup, seed: int, callbacks: list, epochs: int, model: PrunedClas
     return model, dm
 
 
-def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, int]) -> Row:
+def reinitialized(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` (same layer shapes) with every layer's parameters and running statistics drawn anew."""
+    fresh = copy.deepcopy(network).train()
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    return fresh
+
+
+def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, int], built: dict) -> Row:
+    """One row; ``built`` holds the smaller networks of the ``channels`` runs, by (seed, sparsity), for ``scratch``."""
     a = setup.args
     start = time.perf_counter()
     x = None
@@ -98,6 +113,16 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
         model, dm = fit(setup, seed, callbacks, a.epochs)
         x = next(iter(dm.test_dataloader()))[0][:1]
         network = remove_channels(model.backbone, x) if method == "channels" else model.backbone
+        if method == "channels":
+            built[(seed, s)] = network
+    elif method == "scratch":
+        if (seed, s) not in built:
+            raise SystemExit("--methods scratch trains the network that channels builds: list channels before it")
+        pl.seed_everything(seed, workers=True, verbose=False)
+        dm = setup.datamodule(seed)
+        model = PrunedClassifier(reinitialized(built[(seed, s)]), num_classes=10, **recipe(a))
+        model, dm = fit(setup, seed, [], a.epochs, model, dm)
+        network = model.backbone
     elif method == "ln_structured":
         def make(backbone: nn.Module) -> ModelPruning:
             return ModelPruning("ln_structured", parameters_to_prune=[(c, "weight") for c in convs(backbone)],
@@ -169,12 +194,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     probe = setup.backbone().eval()
     shape = (1, 3, 32, 32) if args.cifar10_dir else (1, 1, args.image_size, args.image_size)
     reference = (sum(c.out_channels for c in convs(probe)), macs_and_parameters(probe, torch.randn(shape))[0])
-    rows = []
+    rows, built = [], {}
     for seed in args.seeds:
         if "dense" in args.methods:
-            rows.append(run(setup, "dense", 0.0, seed, reference))
+            rows.append(run(setup, "dense", 0.0, seed, reference, built))
         for s in args.sparsities:
-            rows += [run(setup, m, s, seed, reference) for m in args.methods if m != "dense"]
+            rows += [run(setup, m, s, seed, reference, built) for m in args.methods if m != "dense"]
     summary = []
     for key in sorted({(r.method, r.sparsity) for r in rows}, key=lambda k: (k[1], METHODS.index(k[0]))):
         accs = [r.test_acc for r in rows if (r.method, r.sparsity) == key]

@@ -324,4 +324,29 @@ def test_channel_accuracy_compares_the_channel_budget_with_ln_structured_and_tor
     assert rows["ln_structured"]["channels_removed"] == pytest.approx(0.5, abs=0.07)
     assert rows["ln_structured"]["macs_removed"] == 0.0 and rows["dense"]["macs_removed"] == 0.0
     assert 0.5 < rows["channels"]["macs_removed"] < 0.9
+    # the smaller network trained from scratch has the channel run's shape
+    assert (rows["scratch"]["channels_removed"], rows["scratch"]["macs_removed"]) == (
+        rows["channels"]["channels_removed"], rows["channels"]["macs_removed"])
     assert all(0 <= r["test_acc"] <= 1 for r in rows.values())
+
+
+def test_channel_accuracy_scratch_draws_every_weight_anew():
+    channel = _load("channel_accuracy")
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.fill_(7.0)
+        trained[1].running_mean.fill_(3.0)
+    fresh = channel.reinitialized(trained.eval())
+    assert fresh.training and [p.shape for p in fresh.parameters()] == [p.shape for p in trained.parameters()]
+    assert not any(bool((p == 7.0).any()) for name, p in fresh.named_parameters() if not name.startswith("1."))
+    assert torch.equal(fresh[1].weight, torch.ones(4)) and torch.equal(fresh[1].running_mean, torch.zeros(4))
+    assert bool((trained[0].weight == 7.0).all())  # the trained network is left as it was
+
+
+def test_channel_accuracy_scratch_needs_the_channel_run_first():
+    channel = _load("channel_accuracy")
+    with pytest.raises(SystemExit, match="list channels before it"):
+        channel.main(["--threads", "1", "--seeds", "0", "--epochs", "1", "--width", "8", "--hidden", "16",
+                      "--sparsities", "0.5", "--methods", "scratch"])
