@@ -161,8 +161,9 @@ def margin_gap(
         thresholds = torch.stack([p.mask.threshold for p in params])
         exempt_above = torch.stack([_exempt_score(s, torch.ones_like(s), exempt * s.numel()) for s in scores])
         return MarginSample(margins - thresholds, torch.stack(shares), exempt_above)
-    c = params[0].mask.threshold if threshold is None else torch.tensor(threshold, device=scores[0].device)
-    mass = torch.tensor(keep * total, dtype=torch.float64, device=scores[0].device)
+    # torch.full, not torch.tensor: a fill on the device, where a copy from the host would wait for it
+    c = params[0].mask.threshold if threshold is None else torch.full((), threshold, device=scores[0].device)
+    mass = torch.full((), keep * total, dtype=torch.float64, device=scores[0].device)
     for p, score, floor in zip(params, scores, floors or [0] * len(params)):
         if floor:  # floor weights under c are kept by the cut whatever the target: they use part of it
             above = (score > c).double().mean() * p.numel
@@ -266,7 +267,10 @@ def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tens
     """The score at which the weights of the scores above it add up to ``mass``."""
     order = torch.argsort(scores, descending=True)
     cumulative = torch.cumsum(weights[order], 0)
-    mass = torch.as_tensor(mass, dtype=cumulative.dtype, device=cumulative.device).reshape(1)
+    if isinstance(mass, Tensor):
+        mass = mass.to(cumulative.dtype).reshape(1)
+    else:
+        mass = torch.full((1,), mass, dtype=cumulative.dtype, device=cumulative.device)
     index = torch.searchsorted(cumulative, mass)
     return scores[order][index.clamp(max=scores.numel() - 1)].reshape(())
 

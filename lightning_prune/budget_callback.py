@@ -31,7 +31,7 @@ from lightning_prune.checkpoint_format import loads_plain_layout, to_plain_check
 from lightning_prune.cut_report import CutReport
 from lightning_prune.finalization import finalize
 from lightning_prune.module_passes import has_batchnorm, recalibrate_batchnorm, validation_metrics
-from lightning_prune.non_finite import check_latents_finite, check_loss_finite
+from lightning_prune.non_finite import FiniteWatch, check_latents_finite
 from lightning_prune.reparametrize import (
     UNSUPPORTED_REASONS,
     MaskedParameter,
@@ -149,6 +149,7 @@ class BudgetCallback(Callback):
         self.target_keep = 1.0
         self.temperature = loop.temperature_start
         self.report = CutReport()
+        self._finite = FiniteWatch()
         self._total: int | None = None
         self._params: list[MaskedParameter] = []
         self._measure_from: tuple[int, int] | None = None  # (global step, batches) where the step count is measured
@@ -231,6 +232,7 @@ class BudgetCallback(Callback):
                 "BudgetCallback: the module has no masked tensor at fit start: its layers were replaced after set-up "
                 "(a configure_model that builds them anew on each call; make it return early when they exist)."
             )
+        self._finite.start(self._params)
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:
@@ -252,8 +254,7 @@ class BudgetCallback(Callback):
         with torch.no_grad():
             for p in self._params:
                 p.latent.mul_(p.mask.kept)
-                p.mask.kept.fill_(True)
-                p.mask.hard.fill_(False)
+                p.mask.reopen()
         self.finalized = False
         self.report = CutReport(coverage=self.report.coverage)
 
@@ -264,20 +265,23 @@ class BudgetCallback(Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self.check_finite:
-            check_loss_finite(trainer, loss)
+            self._finite.loss(trainer, loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not self.finalized:
             self.budget_loop.step(optimizer, trainer.global_step, self.target_keep)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        logs = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
         if self.check_finite:
-            check_latents_finite(trainer, self._params, "Training stopped before any checkpoint of this step was written.")
+            self._finite.latents(trainer, self._params, "Training stopped before any checkpoint of this step was written.")
+            if logs:
+                self._finite.read(trainer, self._params)
         if self._measure_from is not None:
             self._measure_steps_per_batch(trainer)
         if self.finalized:
             return
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if logs:
             self._log_state(pl_module)
         if self.loop.finalize_on_fit_end and self._total is not None and trainer.global_step >= self._total:
             self._finalize(trainer, pl_module)
@@ -291,6 +295,8 @@ class BudgetCallback(Callback):
             self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_finite:
+            self._finite.read(trainer, self._params)  # nothing non-finite is cut, or saved as the last checkpoint
         if not self.loop.finalize_on_fit_end:
             return
         if not self.finalized:  # fit stopped before the planned last step (EarlyStopping, max_time, should_stop)
@@ -341,6 +347,7 @@ class BudgetCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
         # before anything is written: a NaN that appeared after the per-step check must not overwrite a good file
         if self.check_finite:
+            self._finite.read(trainer, self._params)
             check_latents_finite(trainer, self._params, "The checkpoint of this step was not written.")
         to_plain_checkpoint(checkpoint, pl_module)
 
@@ -401,6 +408,8 @@ class BudgetCallback(Callback):
 
     @torch.no_grad()
     def _finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.check_finite:
+            self._finite.read(trainer, self._params)
         step = trainer.global_step
         self._apply_schedules(step)
         soft, hard, _ = self._shares()

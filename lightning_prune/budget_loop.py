@@ -166,11 +166,12 @@ class BudgetLoop:
         metric = optimizer_metric(params, optimizer, step, indices) if s.precondition else None
         exempt = sample.exempt_above.expand(len(params))
         if len(trained) < len(params):
-            index = torch.tensor(trained, device=rates.device)
             subset = [params[i] for i in trained]
             if metric is not None:
                 metric = metric._replace(second_moments=[metric.second_moments[i] for i in trained])
-            budget_step(subset, rates[index], exempt[index], metric)
+            # stacked views, not an index tensor: that would be a copy from the host, which waits for the device
+            budget_step(subset, torch.stack([rates[i] for i in trained]), torch.stack([exempt[i] for i in trained]),
+                        metric)
         else:
             budget_step(params, rates, exempt, metric)
         if self.mode == "global" and step % FLOOR_CHECK_EVERY == 0:

@@ -127,14 +127,22 @@ class MagnitudeMask(nn.Module):
         self.register_buffer("hard", torch.tensor(False))
         self.register_buffer("kept", torch.ones(shape, dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_renamed_buffer)
+        self.register_load_state_dict_post_hook(_read_hard_flag)
+        self.is_hard = False  # `hard` on the host, for the forward pass: no device read per layer and step
         self.step_gate = False  # set by set_temperature; T = 0 in the buffer alone gives the same gate, through σ
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "is_hard" not in self.__dict__:  # a module pickled by lightning_prune 0.4.0 or older
+            self.is_hard = bool(self.hard)
+            self.step_gate = bool(self.temperature == 0)
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():
             # no branch on a tensor under torch.compile (a graph break per layer): both, selected by the flag (a
             # buffer, so hardening needs no recompilation)
             return torch.where(self.hard, self._masked(theta), self._soft(theta))
-        return self._masked(theta) if self.hard else self._soft(theta)
+        return self._masked(theta) if self.is_hard else self._soft(theta)
 
     def _soft(self, theta: Tensor) -> Tensor:
         step = self.step_gate and not is_compiling()
@@ -155,12 +163,12 @@ class MagnitudeMask(nn.Module):
 
     def hard_gate(self, theta: Tensor) -> Tensor:
         """The binary mask in use: the fixed mask once hardened, else ``1{|θ|/s > c}``."""
-        return self.kept if self.hard else self.score(theta) > self.threshold
+        return self.kept if self.is_hard else self.score(theta) > self.threshold
 
     def gate_values(self, theta: Tensor) -> Tensor:
         """The gate the forward pass applies, without its gradient: ``h_T(θ)``, the step gate at ``T = 0``, or the
         fixed mask once hardened (float32 or wider)."""
-        if self.hard:
+        if self.is_hard:
             return self.kept.to(wide(theta).dtype)
         if self.step_gate:
             return (self.score(theta) > self.threshold).to(wide(theta).dtype)
@@ -172,9 +180,21 @@ class MagnitudeMask(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight's {tuple(self.kept.shape)}.")
         self.kept.copy_(mask.to(torch.bool))
         self.hard.fill_(True)
+        self.is_hard = True
+
+    def reopen(self) -> None:
+        """Undo :meth:`harden`: every weight kept, the gate soft again (the caller sets the removed weights' θ)."""
+        self.kept.fill_(True)
+        self.hard.fill_(False)
+        self.is_hard = False
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item():.4g}, threshold={self.threshold.item():.4g}, hard={bool(self.hard)}"
+
+
+def _read_hard_flag(module: MagnitudeMask, incompatible_keys) -> None:
+    """After a load, the host copy of ``hard`` follows the loaded buffer (one read per load)."""
+    module.is_hard = bool(module.hard)
 
 
 def _renamed_buffer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:

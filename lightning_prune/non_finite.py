@@ -1,4 +1,9 @@
-"""Stop training on a NaN or Inf before it reaches an optimizer step or a checkpoint; every rank stops together."""
+"""Stop training on a NaN or Inf before it reaches a checkpoint; every rank stops together.
+
+On a CPU each step's checks are read at once and training stops before the optimizer step. On an accelerator a read
+waits for the device, so :class:`FiniteWatch` keeps the checks there and reads them at logging steps and before every
+checkpoint is written: training stops up to ``log_every_n_steps`` later, and no checkpoint holds a non-finite weight.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +56,85 @@ def check_latents_finite(trainer: pl.Trainer, params: list[MaskedParameter], con
         "learning rate or clip gradients (Trainer(gradient_clip_val=...)), then resume from the last checkpoint, "
         "which is intact."
     )
+
+
+def reads_wait_for_the_device(device: torch.device) -> bool:
+    """Whether reading a tensor of ``device`` on the host waits for queued work (any device but the CPU)."""
+    return device.type != "cpu"
+
+
+class FiniteWatch:
+    """The per-step finite checks of :class:`~lightning_prune.BudgetCallback`, read at once on a CPU and on the device
+    until :meth:`read` elsewhere.
+
+    Deferred, a check is a few device operations: the first step with a non-finite loss (and that loss), and the first
+    step after which a tensor's latent weights were non-finite (and which tensors). :meth:`read` takes them to the host
+    once and raises :class:`NonFiniteError`, on every rank together.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self._loss: Tensor | None = None  # [first step with a non-finite loss (-1: none), that loss]
+        self._latents: Tensor | None = None  # [first step with a non-finite latent (-1: none), one flag per tensor]
+
+    def start(self, params: list[MaskedParameter]) -> None:
+        """Read at once or defer, after the device of ``params``; forget what was kept."""
+        self.deferred = bool(params) and reads_wait_for_the_device(params[0].latent.device)
+        self._loss = self._latents = None
+
+    def loss(self, trainer: pl.Trainer, loss: Tensor) -> None:
+        if not self.deferred:
+            check_loss_finite(trainer, loss)
+            return
+        flat = loss.detach().float().reshape(-1)
+        value = torch.where(torch.isfinite(flat), torch.zeros_like(flat), flat).sum()  # 0 if finite
+        now = torch.stack([torch.full_like(value, trainer.global_step), value])
+        self._loss = now if self._loss is None else torch.where(self._loss[0] < 0, now, self._loss)
+        self._loss = torch.where(torch.isfinite(self._loss[1]), torch.full_like(self._loss, -1.0), self._loss)
+
+    def latents(self, trainer: pl.Trainer, params: list[MaskedParameter], consequence: str) -> None:
+        if not self.deferred:
+            check_latents_finite(trainer, params, consequence)
+            return
+        if not params:
+            return
+        with torch.no_grad():
+            bad = (~torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params]))).float()
+        now = torch.cat([torch.where(bad.any(), float(trainer.global_step), -1.0).reshape(1), bad])
+        self._latents = now if self._latents is None else torch.where(self._latents[0] < 0, now, self._latents)
+
+    def read(self, trainer: pl.Trainer, params: list[MaskedParameter]) -> None:
+        """Take the deferred checks to the host (one read) and raise :class:`NonFiniteError` if one failed."""
+        if not self.deferred or (self._loss is None and self._latents is None):
+            return
+        device = params[0].latent.device
+        loss = self._loss if self._loss is not None else torch.tensor([-1.0, 0.0], device=device)
+        latents = self._latents if self._latents is not None else torch.full((len(params) + 1,), -1.0, device=device)
+        rows = gather_ranks(trainer, torch.cat([loss, latents])).cpu()  # (ranks, 2 + 1 + tensors)
+        loss_ranks = [r for r in range(rows.shape[0]) if rows[r, 0] >= 0]
+        latent_ranks = [r for r in range(rows.shape[0]) if rows[r, 2] >= 0]
+        if not loss_ranks and not latent_ranks:
+            return
+        loss_step = min((int(rows[r, 0]) for r in loss_ranks), default=None)
+        latent_step = min((int(rows[r, 2]) for r in latent_ranks), default=None)
+        suffix = (
+            f", found at step {trainer.global_step}: on {device.type} the finite checks are read every "
+            "log_every_n_steps and before each checkpoint, and no checkpoint was written after it. Lower the learning "
+            "rate or clip gradients (Trainer(gradient_clip_val=...)), then resume from the last checkpoint, which is "
+            "intact."
+        )
+
+        def where(ranks: list[int]) -> str:
+            return f" on rank {', '.join(map(str, ranks))}" if rows.shape[0] > 1 else ""
+
+        # the first failure: latents non-finite after step s come before the loss of step s, computed from them
+        if latent_step is not None and (loss_step is None or latent_step <= loss_step):
+            flags = rows[latent_ranks][:, 3:] > 0
+            names = ", ".join(f"'{params[i].name}'" for i in sorted({int(i) for i in flags.nonzero()[:, 1]}))
+            raise NonFiniteError(f"{names} has non-finite latent weights{where(latent_ranks)} after step "
+                                 f"{latent_step}{suffix}")
+        raise NonFiniteError(f"The training loss was {float(rows[loss_ranks[0], 1])}{where(loss_ranks)} at step "
+                             f"{loss_step}{suffix}")
 
 
 def gather_ranks(trainer: pl.Trainer, tensor: Tensor) -> Tensor:

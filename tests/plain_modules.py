@@ -62,3 +62,19 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.at_step:
             raise RuntimeError("simulated crash")
+
+
+class HostReads:
+    """Counts reads of tensor values on the host (``bool()``, ``.item()``, ``.tolist()``): each one waits for the
+    device on a GPU."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in ("__bool__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from plain_modules import HostReads
 from torch.nn.utils import parametrize
 
 from lightning_prune.magnitude_mask import MagnitudeMask
@@ -129,3 +130,49 @@ def test_gradient_is_h_plus_the_bounded_slope_in_every_regime(temperature):
     expected = (h + score / t_b * h_b * (1 - h_b)) * grad_out
     torch.testing.assert_close(theta.grad, expected, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("state", ["soft", "step gate", "hard"])
+def test_a_masked_layer_reads_nothing_back_to_the_host_in_its_forward_and_backward(monkeypatch, state):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    mask = MagnitudeMask(layer.weight.shape, scale=float(layer.weight.detach().abs().mean()))
+    parametrize.register_parametrization(layer, "weight", mask)
+    if state == "step gate":
+        mask.set_temperature(0.0)
+    if state == "hard":
+        mask.harden(torch.rand(layer.weight.shape) > 0.5)
+    reads = HostReads(monkeypatch)
+    for _ in range(3):
+        layer(torch.randn(4, 16)).sum().backward()
+    assert reads.count == 0
+    mask.hard.fill_(not bool(mask.hard))  # the buffer written behind its back is not re-read: counting works
+    assert reads.count == 1
+
+
+def test_the_host_copy_of_hard_follows_harden_reopen_load_and_pickle():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    mask = MagnitudeMask(layer.weight.shape, scale=1.0)
+    parametrize.register_parametrization(layer, "weight", mask)
+    kept = torch.rand(layer.weight.shape) > 0.5
+    mask.harden(kept)
+    assert mask.is_hard and torch.equal(layer.weight != 0, kept & (layer.parametrizations.weight.original != 0))
+    state = layer.state_dict()
+
+    fresh = torch.nn.Linear(6, 4)
+    parametrize.register_parametrization(fresh, "weight", MagnitudeMask(fresh.weight.shape, scale=1.0))
+    assert not fresh.parametrizations.weight[0].is_hard
+    fresh.load_state_dict(state)  # a hard mask loaded into a soft one: the layer computes with the loaded mask
+    assert fresh.parametrizations.weight[0].is_hard and torch.equal(fresh.weight, layer.weight)
+
+    mask.reopen()
+    assert not mask.is_hard and not bool(mask.hard) and bool(mask.kept.all())
+    soft = layer.weight.detach().clone()
+    assert not torch.equal(soft, layer.parametrizations.weight.original * kept)  # the sigmoid gate again
+
+    old = MagnitudeMask((2, 2), scale=1.0)
+    old.harden(torch.ones(2, 2, dtype=torch.bool))
+    del old.__dict__["is_hard"]  # as pickled by 0.4.0
+    old.__setstate__(dict(old.__dict__))
+    assert old.is_hard and not old.step_gate

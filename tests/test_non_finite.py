@@ -30,7 +30,7 @@ class _Fault(Callback):
         self.before: dict[str, tuple[bytes, int]] | None = None
 
     def _inject(self, trainer, target: torch.Tensor) -> None:
-        self.before = _snapshot(self.ckpt_dir)
+        self.before = _snapshot(self.ckpt_dir) if self.ckpt_dir is not None else {}
         with torch.no_grad():
             target.view(-1)[0] = float("nan")
 
@@ -56,6 +56,28 @@ def _all_tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from _all_tensors(value)
+
+
+#: On an accelerator (simulated here) the checks stay on the device until step 15's checkpoint, which is refused.
+DEFERRED = [
+    ("update", 11, r"'backbone\.features\.2\.weight' has non-finite latent weights after step 12, found at step 15: "
+     r"on cpu the finite checks are read every log_every_n_steps and before each checkpoint"),
+    ("after_check", 15, r"'backbone\.features\.2\.weight' has non-finite latent weights after step 15\. "
+     r"The checkpoint of this step was not written\."),
+    ("input", 12, r"The training loss was nan at step 12, found at step 15: .* no checkpoint was written after it"),
+]
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Read the finite checks as on an accelerator: at logging steps and before each checkpoint."""
+    monkeypatch.setattr("lightning_prune.non_finite.reads_wait_for_the_device", lambda device: True)
+
+
+@pytest.mark.parametrize("where, at, message", DEFERRED, ids=["nan_latent_from_the_update", "nan_latent_after_the_check",
+                                                               "nan_loss"])
+def test_deferred_checks_stop_training_before_any_checkpoint_holds_the_nan(tmp_path, deferred, where, at, message):
+    test_nan_stops_training_and_the_last_checkpoint_is_intact(tmp_path, where, at, message)
 
 
 @pytest.mark.parametrize(
@@ -104,3 +126,25 @@ def test_check_finite_false_lets_the_nan_through(tmp_path):
     trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
     state = torch.load(tmp_path / "step=15.ckpt", weights_only=False)["state_dict"]
     assert not torch.isfinite(state["backbone.features.2.weight"]).all()
+
+
+def test_deferred_checks_are_read_at_logging_steps(deferred):
+    """No checkpoint at all: the NaN loss of step 3 is reported at step 5, the first logging step after it."""
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    fault = _Fault("input", 3, None)
+    trainer = quiet_trainer(max_epochs=3, log_every_n_steps=5, callbacks=[BudgetCallback(sparsity=0.8), fault])
+    with pytest.raises(NonFiniteError, match=r"loss was nan at step 3, found at step 5"):
+        trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert trainer.global_step == 5
+
+
+def test_deferred_checks_are_read_before_the_cut(deferred):
+    """A NaN in the last steps, with no logging step or checkpoint after it, stops the fit before the cut."""
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback = BudgetCallback(sparsity=0.8)
+    trainer = quiet_trainer(max_steps=14, log_every_n_steps=100, callbacks=[callback, _Fault("update", 12, None)])
+    with pytest.raises(NonFiniteError, match=r"after step 13, found at step 14"):
+        trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert not callback.finalized and not any(bool(p.mask.hard) for p in masked_parameters(model))
