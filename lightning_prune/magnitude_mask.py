@@ -85,7 +85,9 @@ class MagnitudeMask(nn.Module):
     temperature floor are buffers, saved in checkpoints and set by :class:`~lightning_prune.BudgetCallback`. ``T = 0``
     makes the gate the step ``1{|θ|/s > c}`` in the forward pass (the backward pass keeps a bounded slope). Once
     :meth:`harden` has been called the layer computes ``θ ⊙ M`` with a fixed binary mask ``M``. Change ``T`` with
-    :meth:`set_temperature`, not by writing the buffer: it also picks the cheaper forward pass at ``T = 0``.
+    :meth:`set_temperature`, not by writing the buffer: it also picks the cheaper forward pass at ``T = 0``. Likewise
+    :meth:`harden` and :meth:`reopen` set the ``hard`` buffer (saved) and its host copy ``is_hard``, which the forward
+    pass reads (a load refreshes it): no read from the device per layer and step.
 
     Register it with :func:`lightning_prune.reparametrize` rather than by hand.
 
