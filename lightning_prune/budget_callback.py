@@ -232,7 +232,7 @@ class BudgetCallback(Callback):
                 "BudgetCallback: the module has no masked tensor at fit start: its layers were replaced after set-up "
                 "(a configure_model that builds them anew on each call; make it return early when they exist)."
             )
-        self._finite.start(self._params)
+        self._finite.start(self._params, trainer)
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:

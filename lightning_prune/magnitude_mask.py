@@ -138,6 +138,8 @@ class MagnitudeMask(nn.Module):
         if "is_hard" not in self.__dict__:  # a module pickled by lightning_prune 0.4.0 or older
             self.is_hard = bool(self.hard)
             self.step_gate = bool(self.temperature == 0)
+        if _read_hard_flag not in self._load_state_dict_post_hooks.values():
+            self.register_load_state_dict_post_hook(_read_hard_flag)
 
     def forward(self, theta: Tensor) -> Tensor:
         if is_compiling():

@@ -74,12 +74,16 @@ class FiniteWatch:
 
     def __init__(self) -> None:
         self.deferred = False
+        # steps in float32 (every rank's row is gathered as float32): exact up to 2**24 steps
         self._loss: Tensor | None = None  # [first step with a non-finite loss (-1: none), that loss]
         self._latents: Tensor | None = None  # [first step with a non-finite latent (-1: none), one flag per tensor]
 
-    def start(self, params: list[MaskedParameter]) -> None:
-        """Read at once or defer, after the device of ``params``; forget what was kept."""
-        self.deferred = bool(params) and reads_wait_for_the_device(params[0].latent.device)
+    def start(self, params: list[MaskedParameter], trainer: pl.Trainer | None = None) -> None:
+        """Read at once or defer, after the device of ``params``; forget what was kept. A ``ModelCheckpoint`` with
+        ``save_weights_only=True`` saves without calling the callbacks' ``on_save_checkpoint``: with one, the checks
+        are read at once on any device (before it saves, as it runs last)."""
+        weights_only = any(getattr(cb, "save_weights_only", False) for cb in getattr(trainer, "checkpoint_callbacks", []))
+        self.deferred = bool(params) and not weights_only and reads_wait_for_the_device(params[0].latent.device)
         self._loss = self._latents = None
 
     def loss(self, trainer: pl.Trainer, loss: Tensor) -> None:
@@ -117,6 +121,9 @@ class FiniteWatch:
             return
         loss_step = min((int(rows[r, 0]) for r in loss_ranks), default=None)
         latent_step = min((int(rows[r, 2]) for r in latent_ranks), default=None)
+        # the ranks where it happened first (the others followed through the gradients' all-reduce)
+        loss_ranks = [r for r in loss_ranks if int(rows[r, 0]) == loss_step]
+        latent_ranks = [r for r in latent_ranks if int(rows[r, 2]) == latent_step]
         suffix = (
             f", found at step {trainer.global_step}: on {device.type} the finite checks are read every "
             "log_every_n_steps and before each checkpoint, and no checkpoint was written after it. Lower the learning "

@@ -65,12 +65,12 @@ class CrashAt(Callback):
 
 
 class HostReads:
-    """Counts reads of tensor values on the host (``bool()``, ``.item()``, ``.tolist()``): each one waits for the
-    device on a GPU."""
+    """Counts reads of tensor values on the host (``bool()``, ``float()``, ``int()``, ``.item()``, ``.tolist()``,
+    ``.numpy()``): each one waits for the device on a GPU."""
 
     def __init__(self, monkeypatch) -> None:
         self.count = 0
-        for name in ("__bool__", "item", "tolist"):
+        for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy"):
             original = getattr(torch.Tensor, name)
 
             def counted(tensor, *args, _original=original, **kwargs):

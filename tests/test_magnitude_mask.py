@@ -171,8 +171,21 @@ def test_the_host_copy_of_hard_follows_harden_reopen_load_and_pickle():
     soft = layer.weight.detach().clone()
     assert not torch.equal(soft, layer.parametrizations.weight.original * kept)  # the sigmoid gate again
 
+
+
+def test_a_mask_pickled_by_0_4_0_reads_its_hard_flag_and_follows_later_loads():
+    import pickle
+
+    from lightning_prune.magnitude_mask import _read_hard_flag
+
     old = MagnitudeMask((2, 2), scale=1.0)
     old.harden(torch.ones(2, 2, dtype=torch.bool))
-    del old.__dict__["is_hard"]  # as pickled by 0.4.0
-    old.__setstate__(dict(old.__dict__))
-    assert old.is_hard and not old.step_gate
+    hard_state = old.state_dict()
+    del old.__dict__["is_hard"]  # what 0.4.0 pickled: no host copy, no post-load hook
+    for key in [k for k, hook in old._load_state_dict_post_hooks.items() if hook is _read_hard_flag]:
+        del old._load_state_dict_post_hooks[key]
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.is_hard and not loaded.step_gate
+    loaded.reopen()
+    loaded.load_state_dict(hard_state)  # a resume into the unpickled module: the flag follows the loaded buffer
+    assert loaded.is_hard

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -148,3 +150,36 @@ def test_deferred_checks_are_read_before_the_cut(deferred):
     with pytest.raises(NonFiniteError, match=r"after step 13, found at step 14"):
         trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
     assert not callback.finalized and not any(bool(p.mask.hard) for p in masked_parameters(model))
+
+
+def test_a_weights_only_checkpoint_keeps_the_checks_read_at_once(tmp_path, deferred):
+    """ModelCheckpoint(save_weights_only=True) saves without the callbacks' on_save_checkpoint: with one, the checks
+    are read every step on any device, and the NaN never reaches a file."""
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    fault = _Fault("update", 11, tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, save_last=True,
+                                 filename="{step}", save_weights_only=True)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[BudgetCallback(sparsity=0.8), fault, checkpoint],
+                            enable_checkpointing=True)
+    with pytest.raises(NonFiniteError, match=r"after step 12\. Training stopped before any checkpoint"):
+        trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert _snapshot(tmp_path) == fault.before and set(fault.before) == {"step=5.ckpt", "step=10.ckpt", "last.ckpt"}
+
+
+def test_deferred_checks_name_the_ranks_where_the_nan_came_first(monkeypatch):
+    """Rank 1's loss is inf at step 12; the all-reduced gradients make rank 0's NaN at step 13: rank 1 is named."""
+    from lightning_prune import non_finite
+
+    params = [types.SimpleNamespace(latent=torch.zeros(3), name="layer.weight")]
+    watch = non_finite.FiniteWatch()
+    watch.deferred, watch._loss = True, torch.tensor([13.0, float("nan")])
+    rows = torch.tensor([[13.0, float("nan"), -1.0, 0.0], [12.0, float("inf"), -1.0, 0.0]])
+    monkeypatch.setattr(non_finite, "gather_ranks", lambda trainer, tensor: rows)
+    trainer = types.SimpleNamespace(global_step=15)
+    with pytest.raises(NonFiniteError, match=r"^The training loss was inf on rank 1 at step 12, found at step 15"):
+        watch.read(trainer, params)
+    rows = torch.tensor([[-1.0, -1.0, 14.0, 1.0], [-1.0, -1.0, 12.0, 1.0]])
+    watch._latents = torch.tensor([14.0, 1.0])
+    with pytest.raises(NonFiniteError, match=r"^'layer.weight' has non-finite latent weights on rank 1 after step 12"):
+        watch.read(trainer, params)
