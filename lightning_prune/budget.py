@@ -152,14 +152,15 @@ def margin_gap(
     for p, index in zip(params, indices):
         flat = p.latent.detach().reshape(-1)
         n = p.numel if index is None else index.numel()
-        score = p.mask.score(flat if index is None else flat[index])
+        score = p.mask.score(flat if index is None else flat.index_select(0, index))  # a gather: faster than [ ]
         scores.append(score)
         weights.append(torch.full((n,), p.numel / n, device=score.device, dtype=score.dtype))
         shares.append((score > p.mask.threshold).float().mean())
     if mode == "layer":
-        margins = torch.stack([_top_quantile(s, torch.ones_like(s), keep * s.numel()) for s in scores])
+        quantiles = [_top_quantiles(s, torch.ones_like(s), keep * s.numel(), exempt * s.numel()) for s in scores]
+        margins = torch.stack([margin for margin, _ in quantiles])
         thresholds = torch.stack([p.mask.threshold for p in params])
-        exempt_above = torch.stack([_exempt_score(s, torch.ones_like(s), exempt * s.numel()) for s in scores])
+        exempt_above = torch.stack([above for _, above in quantiles])
         return MarginSample(margins - thresholds, torch.stack(shares), exempt_above)
     # torch.full, not torch.tensor: a fill on the device, where a copy from the host would wait for it
     c = params[0].mask.threshold if threshold is None else torch.full((), threshold, device=scores[0].device)
@@ -169,8 +170,8 @@ def margin_gap(
             above = (score > c).double().mean() * p.numel
             mass = mass - (floor - above).clamp_min(0)
     scores, weights = torch.cat(scores), torch.cat(weights)
-    margin = _top_quantile(scores, weights, mass)
-    exempt_above = _exempt_score(scores, weights, exempt * total).reshape(1)
+    margin, exempt_above = _top_quantiles(scores, weights, mass, exempt * total)
+    exempt_above = exempt_above.reshape(1)
     return MarginSample((margin - c).reshape(1), torch.stack(shares), exempt_above)
 
 
@@ -240,7 +241,7 @@ def optimizer_metric(
             continue
         theta, v = p.latent.detach().reshape(-1), v.reshape(-1)
         if index is not None:
-            theta, v = theta[index], v[index]
+            theta, v = theta.index_select(0, index), v.index_select(0, index)
         score = p.mask.score(theta)
         roots.append(v.float().sqrt())
         near.append((score > p.mask.threshold / MARGIN_BAND) & (score < p.mask.threshold * MARGIN_BAND))
@@ -259,20 +260,21 @@ def _second_moment(state: dict, theta: Tensor) -> Tensor | None:
     return None
 
 
-def _exempt_score(scores: Tensor, weights: Tensor, mass: float) -> Tensor:
-    return _top_quantile(scores, weights, mass) if mass >= 1 else torch.full((), math.inf, device=scores.device)
+def _top_quantiles(scores: Tensor, weights: Tensor, mass: float | Tensor, exempt: float) -> tuple[Tensor, Tensor]:
+    """The score at which the weights of the scores above it add up to ``mass``, and the same for ``exempt`` (infinite
+    when ``exempt`` is under one weight: nothing is exempt), from one sort."""
+    ordered, order = torch.sort(scores, descending=True)
+    cumulative = torch.cumsum(weights.index_select(0, order), 0)
+    last = scores.numel() - 1
 
+    def at(m: float | Tensor) -> Tensor:
+        if isinstance(m, Tensor):
+            m = m.to(cumulative.dtype).reshape(1)
+        else:
+            m = torch.full((1,), m, dtype=cumulative.dtype, device=cumulative.device)
+        return ordered.index_select(0, torch.searchsorted(cumulative, m).clamp_max(last)).reshape(())
 
-def _top_quantile(scores: Tensor, weights: Tensor, mass: float | Tensor) -> Tensor:
-    """The score at which the weights of the scores above it add up to ``mass``."""
-    order = torch.argsort(scores, descending=True)
-    cumulative = torch.cumsum(weights[order], 0)
-    if isinstance(mass, Tensor):
-        mass = mass.to(cumulative.dtype).reshape(1)
-    else:
-        mass = torch.full((1,), mass, dtype=cumulative.dtype, device=cumulative.device)
-    index = torch.searchsorted(cumulative, mass)
-    return scores[order][index.clamp(max=scores.numel() - 1)].reshape(())
+    return at(mass), at(exempt) if exempt >= 1 else torch.full((), math.inf, device=scores.device)
 
 
 def _budget_step_math(theta: Tensor, v: Tensor | None, rate: Tensor, scale: Tensor, reference: Tensor | None,
