@@ -23,9 +23,7 @@ class NonFiniteError(RuntimeError):
 def check_loss_finite(trainer: pl.Trainer, loss: Tensor) -> None:
     """Raise :class:`NonFiniteError` when the loss is not finite on any rank (every rank raises together, so that
     none is left waiting in the gradient all-reduce)."""
-    flat = loss.detach().float().reshape(-1)
-    non_finite = torch.where(torch.isfinite(flat), torch.zeros_like(flat), flat).sum().reshape(1)  # 0 if finite
-    values = gather_ranks(trainer, non_finite).reshape(-1).tolist()
+    values = gather_ranks(trainer, _non_finite_part(loss).reshape(1)).reshape(-1).tolist()
     bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         where = f" on rank {', '.join(map(str, bad))}" if len(values) > 1 else ""
@@ -40,11 +38,7 @@ def check_latents_finite(trainer: pl.Trainer, params: list[MaskedParameter], con
     """Raise :class:`NonFiniteError` naming the tensors (and ranks) whose latent weights are not finite."""
     if not params:
         return
-    with torch.no_grad():
-        # one reduction pass per tensor, no weight-sized buffer: a NaN or Inf anywhere makes the sum non-finite (finite
-        # weights cannot overflow a float sum)
-        flags = torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params]))
-    flags = gather_ranks(trainer, flags).reshape(-1, len(params)).bool().cpu()  # (ranks, tensors)
+    flags = gather_ranks(trainer, _finite_flags(params)).reshape(-1, len(params)).bool().cpu()  # (ranks, tensors)
     if bool(flags.all()):
         return
     names = ", ".join(f"'{params[i].name}'" for i in sorted({int(i) for i in (~flags).nonzero()[:, 1]}))
@@ -56,6 +50,19 @@ def check_latents_finite(trainer: pl.Trainer, params: list[MaskedParameter], con
         "learning rate or clip gradients (Trainer(gradient_clip_val=...)), then resume from the last checkpoint, "
         "which is intact."
     )
+
+
+def _non_finite_part(loss: Tensor) -> Tensor:
+    """The sum of the loss's non-finite entries: 0 when it is finite, else NaN or ±Inf (no host read)."""
+    flat = loss.detach().float().reshape(-1)
+    return torch.where(torch.isfinite(flat), torch.zeros_like(flat), flat).sum()
+
+
+@torch.no_grad()
+def _finite_flags(params: list[MaskedParameter]) -> Tensor:
+    """Whether each tensor's latent weights are all finite (no host read). One reduction pass per tensor, no
+    weight-sized buffer: a NaN or Inf anywhere makes the sum non-finite (finite weights cannot overflow a float sum)."""
+    return torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params]))
 
 
 def reads_wait_for_the_device(device: torch.device) -> bool:
@@ -75,7 +82,7 @@ class FiniteWatch:
     def __init__(self) -> None:
         self.deferred = False
         # steps in float32 (every rank's row is gathered as float32): exact up to 2**24 steps
-        self._loss: Tensor | None = None  # [first step with a non-finite loss (-1: none), that loss]
+        self._loss: Tensor | None = None  # [first step with a non-finite loss (-1: none), that loss (0: finite)]
         self._latents: Tensor | None = None  # [first step with a non-finite latent (-1: none), one flag per tensor]
 
     def start(self, params: list[MaskedParameter], trainer: pl.Trainer | None = None) -> None:
@@ -90,11 +97,9 @@ class FiniteWatch:
         if not self.deferred:
             check_loss_finite(trainer, loss)
             return
-        flat = loss.detach().float().reshape(-1)
-        value = torch.where(torch.isfinite(flat), torch.zeros_like(flat), flat).sum()  # 0 if finite
-        now = torch.stack([torch.full_like(value, trainer.global_step), value])
+        value = _non_finite_part(loss)
+        now = torch.stack([torch.where(torch.isfinite(value), -1.0, float(trainer.global_step)), value])
         self._loss = now if self._loss is None else torch.where(self._loss[0] < 0, now, self._loss)
-        self._loss = torch.where(torch.isfinite(self._loss[1]), torch.full_like(self._loss, -1.0), self._loss)
 
     def latents(self, trainer: pl.Trainer, params: list[MaskedParameter], consequence: str) -> None:
         if not self.deferred:
@@ -102,8 +107,7 @@ class FiniteWatch:
             return
         if not params:
             return
-        with torch.no_grad():
-            bad = (~torch.isfinite(torch.stack([p.latent.sum(dtype=torch.float32) for p in params]))).float()
+        bad = (~_finite_flags(params)).float()
         now = torch.cat([torch.where(bad.any(), float(trainer.global_step), -1.0).reshape(1), bad])
         self._latents = now if self._latents is None else torch.where(self._latents[0] < 0, now, self._latents)
 
