@@ -7,6 +7,7 @@ passes, the optimizer step and every callback hook in between (not the data load
   Adam lr 1e-3, where the budget step is taken in Adam's metric), no pruning callback.
 * ``budget``: the same plus ``BudgetCallback(sparsity=0.9, measure_cut=False)`` (no validation passes at the cut,
   which comes in the last, untimed step).
+* ``budget_recompute`` (with ``--variants``): the same with ``recompute_masked_weights=True``.
 * ``modelpruning``: the same plus ``ModelPruning("l1_unstructured", use_global_unstructured=True)`` on the Conv/Linear
   weights (the ones BudgetCallback prunes), pruning at each epoch end with a schedule that reaches 90% at the last.
 
@@ -15,9 +16,10 @@ first timed step. Each fit runs ``warmup + steps + 1`` steps: the first ``warmup
 hardens its masks at the last step) are not timed. Every round runs each variant's fit once, in an order rotated
 each round, from the same seed; the figure is the median over rounds of (variant's median step / dense's median
 step in the same round). Memory: the peak CUDA memory of the timed steps on a GPU; on the CPU, the bytes of
-parameters and buffers + gradients + optimizer state + the tensors autograd saves for backward, measured over one
-extra forward/backward of ``training_step`` (outside the Trainer's loop, in the last, untimed step, so the model is
-in the state the callbacks give it during training; storages deduplicated by ``data_ptr``).
+parameters and buffers + gradients + optimizer state + what one forward pass of ``training_step`` leaves allocated
+for the backward pass (torch's profiler: allocations net of frees), measured over one extra forward/backward
+(outside the Trainer's loop, in the last, untimed step, so the model is in the state the callbacks give it during
+training).
 
 Run (from the repository root; writes benchmarks/results/fit_step_cost_<accelerator>.csv and .json):
 
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import BudgetCallback
@@ -57,7 +60,8 @@ BACKBONES = {
     "vgg19": lambda: VGG19(num_classes=10),
     "resnet18": lambda: ResNet18(num_classes=10),
 }
-VARIANTS = ("dense", "budget", "modelpruning")
+VARIANTS = ("dense", "budget", "budget_recompute", "modelpruning")
+DEFAULT_VARIANTS = ("dense", "budget", "modelpruning")
 SPARSITY = 0.9
 SEED = 0
 #: warnings that every short fit raises (few workers, few batches, the callback's cut ending a short schedule)
@@ -113,8 +117,9 @@ class StepTimer(Callback):
 
 
 def _state_bytes(trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> int:
-    """Bytes of parameters, buffers, gradients (one per trainable parameter), optimizer state, and the tensors
-    autograd saves in one forward pass of ``training_step`` (each storage counted once)."""
+    """Bytes of parameters, buffers, gradients (one per trainable parameter), optimizer state, and what one forward
+    pass of ``training_step`` leaves allocated for the backward pass (the tensors autograd saves, net of frees, from
+    torch's profiler: it sees the masked weights whether they are kept or noted for recomputation)."""
     storages: dict[int, int] = {}
 
     def add(t: torch.Tensor) -> None:
@@ -128,15 +133,12 @@ def _state_bytes(trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batc
                 add(value)
     trainable = [p for p in pl_module.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        add(t)
-        return t
-
-    with trainer.precision_plugin.forward_context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = pl_module.training_step(batch, batch_idx)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with trainer.precision_plugin.forward_context():
+            loss = pl_module.training_step(batch, batch_idx)
+    saved = sum(e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage for e in prof.events())
     torch.autograd.grad(loss, trainable, allow_unused=True)  # frees the graph; leaves every .grad untouched
-    return sum(storages.values()) + grads
+    return sum(storages.values()) + grads + saved
 
 
 def modelpruning_callback(model: nn.Module, epochs: int) -> ModelPruning:
@@ -164,8 +166,9 @@ def run_fit(model_name: str, variant: str, args: argparse.Namespace) -> StepTime
     loader = DataLoader(TensorDataset(images, labels), batch_size=args.batch_size, num_workers=0)
     timer = StepTimer(args.warmup, total)
     callbacks: list[Callback] = [timer]
-    if variant == "budget":
-        callbacks.append(BudgetCallback(sparsity=SPARSITY, measure_cut=False))  # the cut's step is not timed
+    if variant.startswith("budget"):  # the cut's step is not timed
+        callbacks.append(BudgetCallback(sparsity=SPARSITY, measure_cut=False,
+                                        recompute_masked_weights=variant == "budget_recompute"))
     elif variant == "modelpruning":
         callbacks.append(modelpruning_callback(model, epochs))
     trainer = pl.Trainer(
@@ -189,6 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help="dense is always run (the baseline)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
@@ -204,16 +209,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logging.getLogger(name).setLevel(logging.WARNING)
     rows = []
     for model_name in args.models:
-        per_round: dict[str, list[tuple[float, int]]] = {v: [] for v in VARIANTS}  # (median s, memory bytes)
+        variants = ["dense", *(v for v in args.variants if v != "dense")]
+        per_round: dict[str, list[tuple[float, int]]] = {v: [] for v in variants}  # (median s, memory bytes)
         for r in range(args.rounds):
-            for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+            for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", NOISE)
                     timer = run_fit(model_name, variant, args)
                 memory = timer.peak_cuda if timer.device == "cuda" else timer.state_bytes
                 measure = "cuda_peak" if timer.device == "cuda" else "state_and_saved"
                 per_round[variant].append((statistics.median(timer.times[args.warmup:-1]), memory))
-        for variant in VARIANTS:
+        for variant in variants:
             pairs = list(zip(per_round[variant], per_round["dense"]))
             rows.append({
                 "model": model_name, "variant": variant, "accelerator": args.accelerator, "precision": args.precision,

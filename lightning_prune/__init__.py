@@ -23,6 +23,7 @@ from lightning_prune.reparametrize import (
     reparametrize_like,
 )
 from lightning_prune.sparse_export import SparseLinear, sparse_linear_export
+from lightning_prune.weight_recompute import recompute_masked_weights
 
 __version__ = "0.4.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "make_permanent",
     "masked_parameters",
     "plain_named_parameters",
+    "recompute_masked_weights",
     "reparametrize",
     "remove_channels",
     "reparametrize_like",

@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.budget import (
     BudgetMode,
@@ -43,6 +44,7 @@ from lightning_prune.reparametrize import (
 )
 from lightning_prune.run_length import check_known_length, planned_manual_steps, planned_steps
 from lightning_prune.schedules import TargetSchedule, target_keep_at, temperature_at
+from lightning_prune.weight_recompute import recompute_masked_weights
 
 #: Share of each tensor kept at least, unless the budget is too small for it (see ``min_layer_keep``).
 DEFAULT_MIN_LAYER_KEEP = 0.01
@@ -87,6 +89,9 @@ class BudgetCallback(Callback):
         structure: ``"weights"`` (the paper: any weight can go) or ``"channels"`` (whole BatchNorm channels go, with
             the rows and columns of the layers around them; :func:`~lightning_prune.remove_channels` then builds the
             smaller network). The budget then counts channels; ``include``/``exclude`` match BatchNorm layer names.
+        recompute_masked_weights: compute each masked weight again in the backward pass instead of keeping it from
+            the forward pass (:mod:`~lightning_prune.weight_recompute`): one weight-sized tensor less per layer
+            during a step, one more pass over the weights.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -109,11 +114,14 @@ class BudgetCallback(Callback):
         check_finite: bool = True,
         loop: LoopSettings | None = None,
         structure: Structure = "weights",
+        recompute_masked_weights: bool = False,
     ) -> None:
         super().__init__()
         check_sparsity(sparsity)
         loop = LoopSettings() if loop is None else loop
         _check(isinstance(loop, LoopSettings), f"loop takes a LoopSettings, got {type(loop).__name__}.")
+        _check(isinstance(recompute_masked_weights, bool),
+               f"recompute_masked_weights takes True or False, got {recompute_masked_weights!r}.")
         _check_choice("target_schedule", target_schedule, TargetSchedule)
         _check_choice("mode", mode, BudgetMode)
         _check_choice("structure", structure, Structure)
@@ -143,6 +151,8 @@ class BudgetCallback(Callback):
         self.check_finite = check_finite
         self.loop = loop
         self.structure = structure
+        self.recompute_masked_weights = recompute_masked_weights
+        self._recompute_handles: list[RemovableHandle] = []
         self.budget_loop = BudgetLoop(loop, mode, self.min_layer_keep, self.keep)
         self.finalized = False
         self.step = 0
@@ -233,6 +243,8 @@ class BudgetCallback(Callback):
                 "(a configure_model that builds them anew on each call; make it return early when they exist)."
             )
         self._finite.start(self._params, trainer)
+        if self.recompute_masked_weights and not self._recompute_handles:
+            self._recompute_handles = recompute_masked_weights(pl_module)
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:
@@ -293,6 +305,11 @@ class BudgetCallback(Callback):
         if planned is not None:
             self._total = planned
             self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._recompute_handles:  # the module is left as set-up made it
+            handle.remove()
+        self._recompute_handles = []
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_finite:

@@ -146,10 +146,14 @@ class MagnitudeMask(nn.Module):
             # no branch on a tensor under torch.compile (a graph break per layer): both, selected by the flag (a
             # buffer, so hardening needs no recompilation)
             return torch.where(self.hard, self._masked(theta), self._soft(theta))
-        return self._masked(theta) if self.is_hard else self._soft(theta)
+        return self.masked_weight(theta, self.is_hard, self.step_gate)
 
-    def _soft(self, theta: Tensor) -> Tensor:
-        step = self.step_gate and not is_compiling()
+    def masked_weight(self, theta: Tensor, hard: bool, step: bool) -> Tensor:
+        """``w`` computed as the forward pass computes it with the flags ``hard`` (:attr:`is_hard`) and ``step``
+        (:attr:`step_gate`): the masked weight of a forward pass can be computed again in its backward pass."""
+        return self._masked(theta) if hard else self._soft(theta, step)
+
+    def _soft(self, theta: Tensor, step: bool = False) -> Tensor:
         return _MaskedWeight.apply(theta, self.scale, self.threshold, self.temperature, self.grad_temperature, step)
 
     def set_temperature(self, temperature: float) -> None:

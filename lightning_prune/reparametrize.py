@@ -10,6 +10,9 @@ weights) is left dense, so that every module that reads it computes with the sam
 Weight matrices that another reparametrization computes (``torch.nn.utils.parametrizations.weight_norm``,
 ``spectral_norm``, ``orthogonal``, and the older hook-based ``weight_norm``/``spectral_norm``) count among the model's
 matrix weights but stay dense, with the reason in :class:`Coverage`: the mask needs the trained tensor itself.
+
+``nn.MultiheadAttention`` reads ``in_proj_weight`` up to three times in a forward pass; a masked one is computed once
+per forward pass (``parametrize.cached`` for the duration of the layer's forward).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_prune.batchnorm_gate import gate_batchnorm_shift, is_channel_mask
-from lightning_prune.magnitude_mask import MagnitudeMask
+from lightning_prune.magnitude_mask import MagnitudeMask, is_compiling
 
 #: Module types whose weight is an embedding table (pruned only with ``embeddings=True``).
 EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -406,6 +409,23 @@ def register_mask(module: nn.Module, param_name: str, mask: MagnitudeMask) -> No
     if isinstance(module, nn.RNNBase) and not getattr(module, "_lightning_prune_detach_hook", False):
         module.register_forward_hook(_detach_flat_weights)
         module._lightning_prune_detach_hook = True
+    if isinstance(module, nn.MultiheadAttention) and not getattr(module, "_lightning_prune_cache_hook", False):
+        module.register_forward_pre_hook(_cache_masked_weights)
+        module.register_forward_hook(_drop_cached_weights, always_call=True)
+        module._lightning_prune_cache_hook = True
+
+
+def _cache_masked_weights(module: nn.MultiheadAttention, args=None) -> None:
+    # its forward pass reads in_proj_weight up to three times (the fast path's checks): compute the gate once
+    if not is_compiling():
+        module._lightning_prune_cache = parametrize.cached()
+        module._lightning_prune_cache.__enter__()
+
+
+def _drop_cached_weights(module: nn.MultiheadAttention, args=None, output=None) -> None:
+    cache = module.__dict__.pop("_lightning_prune_cache", None)
+    if cache is not None:
+        cache.__exit__(None, None, None)
 
 
 def _detach_flat_weights(module: nn.RNNBase, args=None, output=None) -> None:

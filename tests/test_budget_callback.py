@@ -33,6 +33,7 @@ from lightning_prune.data import DigitsDataModule
         (dict(min_layer_keep=2.0), "min_layer_keep"),
         (dict(include="features.*"), "list of patterns"),
         (dict(total_steps=0), "total_steps"),
+        (dict(recompute_masked_weights="yes"), "recompute_masked_weights takes True or False"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs, match):

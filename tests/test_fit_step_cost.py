@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "fit_step_cost.py")
 
@@ -35,12 +36,13 @@ def fit_step_cost():
 
 def test_fit_step_cost_writes_a_row_per_variant_with_its_ratio(fit_step_cost, tmp_path):
     fit_step_cost.main(["--models", "conv4", "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-                        "--threads", "1", "--out", str(tmp_path)])
+                        "--threads", "1", "--out", str(tmp_path), "--variants", "budget", "budget_recompute",
+                        "modelpruning"])
     with open(tmp_path / "fit_step_cost_cpu.csv", newline="") as f:
         table = list(csv.DictReader(f))
     with open(tmp_path / "fit_step_cost_cpu.json") as f:
         report = json.load(f)
-    assert [(r["model"], r["variant"]) for r in table] == [("conv4", v) for v in ("dense", "budget", "modelpruning")]
+    assert [(r["model"], r["variant"]) for r in table] == [("conv4", v) for v in ("dense", "budget", "budget_recompute", "modelpruning")]
     assert [(r["model"], r["variant"]) for r in report["rows"]] == [(r["model"], r["variant"]) for r in table]
     assert {"command", "torch", "lightning", "machine"} <= set(report)
     for r in table:
@@ -48,4 +50,8 @@ def test_fit_step_cost_writes_a_row_per_variant_with_its_ratio(fit_step_cost, tm
             value = float(r[column])
             assert math.isfinite(value) and value > 0, (r["variant"], column, value)
     memory = {r["variant"]: float(r["memory_mb"]) for r in table}
-    assert memory["budget"] >= memory["dense"]  # the masks save tensors for the backward pass
+    # the layers keep the masked weights for the backward pass (one float per covered weight); recomputed, they do not
+    backbone = fit_step_cost.BACKBONES["conv4"]()
+    covered_mb = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear))) * 4 / 2**20
+    assert memory["budget"] - memory["budget_recompute"] == pytest.approx(covered_mb, rel=0.02)
+    assert memory["budget_recompute"] >= memory["dense"]

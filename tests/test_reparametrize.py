@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -70,6 +71,31 @@ def test_parameter_rule_takes_matrix_weights_of_any_module_and_leaves_embeddings
     assert report.covered == 16 * 48 + 16 * 16 + 16 * 32 + 32 * 16
     assert report.matrix_weights == report.covered + 50 * 16
     assert report.left_out[0][0] == "embed.weight"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_attention_layer_computes_each_masked_weight_once_per_forward_pass(training):
+    """nn.MultiheadAttention reads in_proj_weight three times in a forward pass (its fast path's checks): the gate is
+    computed once, and the gradients are those of one computation."""
+    torch.manual_seed(0)
+    model = _TinyLM(tie=False)
+    reparametrize(model)
+    model.train(training)
+    computed = []
+    for p in masked_parameters(model):
+        p.mask.register_forward_hook(lambda mask, args, w, name=p.name: computed.append(name))
+    tokens = torch.randint(0, 50, (2, 8))
+    out = model(tokens)
+    assert sorted(computed) == ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight", "mlp.weight", "proj.weight"]
+    if training:
+        out.square().mean().backward()
+        uncached = copy.deepcopy(model)
+        uncached.attn._forward_pre_hooks.clear()  # the gate computed at each read
+        uncached.attn._forward_hooks.clear()
+        uncached.zero_grad()
+        uncached(tokens).square().mean().backward()
+        for (name, a), b in zip(model.named_parameters(), uncached.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_embeddings_are_pruned_on_request_but_a_tied_table_stays_dense_and_is_named_in_a_warning():

@@ -1,0 +1,149 @@
+"""Masked weights computed again in the backward pass instead of kept from the forward pass.
+
+A layer that uses a masked weight ``w = θ ⊙ h(θ)`` saves ``w`` for its backward pass (a convolution needs it for the
+gradient of its input): one more weight-sized tensor per layer than the dense network, alive from the forward pass to
+the backward pass. With :func:`recompute_masked_weights` the layer saves a note instead (θ, the gate's flags and the
+view it took) and the backward pass computes ``w`` again from θ when it needs it: one weight-sized tensor less per
+layer, one more pass over the weights per step. It is activation checkpointing for the masked weights alone.
+
+The notes are taken through :class:`torch.autograd.graph.saved_tensors_hooks`, active during the forward pass of each
+module that owns a masked weight (nested ones share the outermost), and only while autograd records. Code traced by
+``torch.compile``, and code inside other saved-tensor hooks (activation checkpointing, ``save_on_cpu``), keeps the
+weights as usual. A weight whose θ was changed in place between the forward pass and the
+backward pass cannot be computed again; the backward pass then raises, as autograd does for a saved tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune.magnitude_mask import MagnitudeMask, is_compiling
+
+
+@dataclass
+class _Note:
+    """What the backward pass needs to compute a saved view of a masked weight again."""
+
+    mask: MagnitudeMask
+    theta: Tensor
+    hard: bool
+    step: bool
+    version: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def weight(self) -> Tensor:
+        if self.theta._version != self.version:
+            raise RuntimeError(
+                "recompute_masked_weights: a masked weight's θ was modified in place between the forward pass and the "
+                "backward pass, so the weight the forward pass used cannot be computed again. Modify parameters after "
+                "backward(), or turn recompute_masked_weights off."
+            )
+        # in the backward pass's grad mode: with create_graph=True the weight is part of the graph again
+        return self.mask.masked_weight(self.theta, self.hard, self.step).as_strided(self.size, self.stride, self.offset)
+
+
+@dataclass
+class _Recorder:
+    """The masked weights computed in the current forward pass, by storage; they are held until it ends (so that no
+    other tensor can take their memory meanwhile)."""
+
+    weights: dict[int, tuple[Tensor, MagnitudeMask, Tensor, bool, bool, int]] = field(default_factory=dict)
+
+    def pack(self, tensor: Tensor) -> Any:
+        entry = self.weights.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
+        if entry is None or tensor.dtype != entry[0].dtype:
+            return tensor
+        _, mask, theta, hard, step, version = entry
+        return _Note(mask, theta, hard, step, version, tuple(tensor.size()), tuple(tensor.stride()),
+                     tensor.storage_offset())
+
+    @staticmethod
+    def unpack(saved: Any) -> Tensor:
+        return saved.weight() if isinstance(saved, _Note) else saved
+
+
+class _Scope(threading.local):
+    depth = 0
+    recorder: _Recorder | None = None
+    hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+
+_scope = _Scope()
+
+
+def _enter(module: nn.Module, args: Any) -> None:
+    if is_compiling():
+        return
+    _scope.depth += 1
+    if _scope.depth == 1 and torch.is_grad_enabled() and _no_other_hooks():
+        _scope.recorder = _Recorder()
+        _scope.hooks = torch.autograd.graph.saved_tensors_hooks(_scope.recorder.pack, _Recorder.unpack)
+        _scope.hooks.__enter__()
+
+
+def _no_other_hooks() -> bool:
+    """Saved-tensor hooks are allowed here and no other code has set any (activation checkpointing, ``save_on_cpu``):
+    those decide what their region keeps."""
+    return (torch._C._autograd._saved_tensors_hooks_is_enabled()
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
+def _exit(module: nn.Module, args: Any, output: Any) -> None:
+    if is_compiling() or _scope.depth == 0:
+        return
+    _scope.depth -= 1
+    if _scope.depth == 0 and _scope.hooks is not None:
+        _scope.hooks.__exit__(None, None, None)
+        _scope.recorder.weights.clear()  # each saved tensor holds the hooks, so the recorder lives until backward
+        _scope.hooks = _scope.recorder = None
+
+
+def _record(mask: MagnitudeMask, args: tuple[Tensor], weight: Tensor) -> None:
+    recorder = _scope.recorder
+    if recorder is None or is_compiling() or not weight.requires_grad:
+        return
+    whole = weight.is_contiguous() and weight.storage_offset() == 0
+    if whole and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size():
+        theta = args[0]
+        recorder.weights[weight.untyped_storage().data_ptr()] = (
+            weight, mask, theta, mask.is_hard, mask.step_gate, theta._version)
+
+
+def recompute_masked_weights(model: nn.Module) -> list[RemovableHandle]:
+    """Let the layers of ``model`` that use a masked weight save a note of it, and its backward pass compute it again.
+
+    Args:
+        model: a module reparametrized by :func:`~lightning_prune.reparametrize` (or the channel budget).
+
+    Returns:
+        The hooks' handles: ``handle.remove()`` on each turns it off.
+
+    Example:
+        >>> import torch
+        >>> from lightning_prune import reparametrize
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> _ = reparametrize(model)
+        >>> handles = recompute_masked_weights(model)
+        >>> model(torch.randn(4, 8)).sum().backward()
+        >>> model[0].parametrizations.weight.original.grad.shape
+        torch.Size([8, 8])
+        >>> for handle in handles:
+        ...     handle.remove()
+    """
+    handles: list[RemovableHandle] = []
+    for module in model.modules():
+        masks = [m for p in getattr(module, "parametrizations", {}).values() for m in p if isinstance(m, MagnitudeMask)]
+        if not masks:
+            continue
+        handles.append(module.register_forward_pre_hook(_enter))
+        handles.append(module.register_forward_hook(_exit, always_call=True))
+        handles.extend(mask.register_forward_hook(_record) for mask in masks)
+    return handles
