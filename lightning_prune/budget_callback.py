@@ -307,6 +307,12 @@ class BudgetCallback(Callback):
             self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_recomputing()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_recomputing()  # a fit that raises gets no teardown
+
+    def _stop_recomputing(self) -> None:
         for handle in self._recompute_handles:  # the module is left as set-up made it
             handle.remove()
         self._recompute_handles = []

@@ -417,7 +417,7 @@ def register_mask(module: nn.Module, param_name: str, mask: MagnitudeMask) -> No
 
 def _cache_masked_weights(module: nn.MultiheadAttention, args=None) -> None:
     # its forward pass reads in_proj_weight up to three times (the fast path's checks): compute the gate once
-    if not is_compiling():
+    if not is_compiling() and not torch._C._get_tracing_state():  # parametrize refuses to trace a cache
         module._lightning_prune_cache = parametrize.cached()
         module._lightning_prune_cache.__enter__()
 

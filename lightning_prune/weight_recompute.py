@@ -9,8 +9,12 @@ layer, one more pass over the weights per step. It is activation checkpointing f
 The notes are taken through :class:`torch.autograd.graph.saved_tensors_hooks`, active during the forward pass of each
 module that owns a masked weight (nested ones share the outermost), and only while autograd records. Code traced by
 ``torch.compile``, and code inside other saved-tensor hooks (activation checkpointing, ``save_on_cpu``), keeps the
-weights as usual. A weight whose θ was changed in place between the forward pass and the
-backward pass cannot be computed again; the backward pass then raises, as autograd does for a saved tensor.
+weights as usual. What autograd checks still holds: a saved tensor changed in place between the passes (θ, the mask's
+scale, threshold, temperature or kept mask, or any other tensor the layer saved) makes the backward pass raise; a
+masked weight that the layer changed in place before saving it is kept, not noted. A graph retained for a second
+backward pass after θ changed (an optimizer step between two ``backward(retain_graph=True)``) raises too. Under
+autocast, or with a ``channels_last`` convolution, the layer saves its own cast or reformatted copy of the weight, which
+is not recomputed: there the option saves nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.magnitude_mask import MagnitudeMask, is_compiling
 
+#: What autograd says when a saved tensor changed before the backward pass; the same words for the tensors saved here.
+CHANGED = ("one of the variables needed for gradient computation has been modified by an inplace operation (a {what} "
+           "saved in a module whose masked weights are recomputed: recompute_masked_weights)")
+
+
+def _versions(mask: MagnitudeMask, theta: Tensor) -> tuple[int, ...]:
+    """Version counters of everything a masked weight is computed from."""
+    return theta._version, mask.scale._version, mask.threshold._version, mask.temperature._version, mask.kept._version
+
 
 @dataclass
 class _Note:
@@ -34,20 +47,31 @@ class _Note:
     theta: Tensor
     hard: bool
     step: bool
-    version: int
+    versions: tuple[int, ...]
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
 
     def weight(self) -> Tensor:
-        if self.theta._version != self.version:
-            raise RuntimeError(
-                "recompute_masked_weights: a masked weight's θ was modified in place between the forward pass and the "
-                "backward pass, so the weight the forward pass used cannot be computed again. Modify parameters after "
-                "backward(), or turn recompute_masked_weights off."
-            )
+        if _versions(self.mask, self.theta) != self.versions:
+            raise RuntimeError(CHANGED.format(what="masked weight's θ, or its mask's scale, threshold, temperature or "
+                                                   "kept mask"))
         # in the backward pass's grad mode: with create_graph=True the weight is part of the graph again
         return self.mask.masked_weight(self.theta, self.hard, self.step).as_strided(self.size, self.stride, self.offset)
+
+
+@dataclass
+class _Kept:
+    """Any other saved tensor, detached (autograd re-attaches it on unpacking; holding the tensor itself would keep
+    an output and the node that saved it alive through each other), with its version to check as autograd does."""
+
+    tensor: Tensor
+    version: int
+
+    def get(self) -> Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(CHANGED.format(what=f"tensor of shape {tuple(self.tensor.shape)}"))
+        return self.tensor
 
 
 @dataclass
@@ -55,19 +79,30 @@ class _Recorder:
     """The masked weights computed in the current forward pass, by storage; they are held until it ends (so that no
     other tensor can take their memory meanwhile)."""
 
-    weights: dict[int, tuple[Tensor, MagnitudeMask, Tensor, bool, bool, int]] = field(default_factory=dict)
+    weights: dict[int, tuple[Tensor, int, MagnitudeMask, Tensor, bool, bool, tuple[int, ...]]] = field(
+        default_factory=dict)
 
     def pack(self, tensor: Tensor) -> Any:
-        entry = self.weights.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
-        if entry is None or tensor.dtype != entry[0].dtype:
-            return tensor
-        _, mask, theta, hard, step, version = entry
-        return _Note(mask, theta, hard, step, version, tuple(tensor.size()), tuple(tensor.stride()),
+        entry = self.weights.get(_storage(tensor))
+        if entry is None or tensor.dtype != entry[0].dtype or tensor._version != entry[1]:
+            return _Kept(tensor.detach(), tensor._version)  # not a masked weight, or one changed since
+        _, _, mask, theta, hard, step, versions = entry
+        return _Note(mask, theta, hard, step, versions, tuple(tensor.size()), tuple(tensor.stride()),
                      tensor.storage_offset())
 
     @staticmethod
     def unpack(saved: Any) -> Tensor:
-        return saved.weight() if isinstance(saved, _Note) else saved
+        return saved.weight() if isinstance(saved, _Note) else saved.get()
+
+
+def _storage(tensor: Tensor) -> int | None:
+    """The address of a dense tensor's memory; None for tensors without one (sparse, nested, meta)."""
+    if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type == "meta":
+        return None
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # tensor subclasses without a storage
+        return None
 
 
 class _Scope(threading.local):
@@ -83,7 +118,7 @@ def _enter(module: nn.Module, args: Any) -> None:
     if is_compiling():
         return
     _scope.depth += 1
-    if _scope.depth == 1 and torch.is_grad_enabled() and _no_other_hooks():
+    if _scope.depth == 1 and torch.is_grad_enabled() and _no_other_hooks() and not torch._C._get_tracing_state():
         _scope.recorder = _Recorder()
         _scope.hooks = torch.autograd.graph.saved_tensors_hooks(_scope.recorder.pack, _Recorder.unpack)
         _scope.hooks.__enter__()
@@ -102,7 +137,7 @@ def _exit(module: nn.Module, args: Any, output: Any) -> None:
     _scope.depth -= 1
     if _scope.depth == 0 and _scope.hooks is not None:
         _scope.hooks.__exit__(None, None, None)
-        _scope.recorder.weights.clear()  # each saved tensor holds the hooks, so the recorder lives until backward
+        _scope.recorder.weights.clear()  # each saved tensor holds the hooks: let the weights go now
         _scope.hooks = _scope.recorder = None
 
 
@@ -110,11 +145,12 @@ def _record(mask: MagnitudeMask, args: tuple[Tensor], weight: Tensor) -> None:
     recorder = _scope.recorder
     if recorder is None or is_compiling() or not weight.requires_grad:
         return
-    whole = weight.is_contiguous() and weight.storage_offset() == 0
+    address = _storage(weight)
+    whole = address is not None and weight.is_contiguous() and weight.storage_offset() == 0
     if whole and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size():
         theta = args[0]
-        recorder.weights[weight.untyped_storage().data_ptr()] = (
-            weight, mask, theta, mask.is_hard, mask.step_gate, theta._version)
+        recorder.weights[address] = (weight, weight._version, mask, theta, mask.is_hard, mask.step_gate,
+                                     _versions(mask, theta))
 
 
 def recompute_masked_weights(model: nn.Module) -> list[RemovableHandle]:
@@ -141,7 +177,7 @@ def recompute_masked_weights(model: nn.Module) -> list[RemovableHandle]:
     handles: list[RemovableHandle] = []
     for module in model.modules():
         masks = [m for p in getattr(module, "parametrizations", {}).values() for m in p if isinstance(m, MagnitudeMask)]
-        if not masks:
+        if not masks or _enter in module._forward_pre_hooks.values():  # none, or hooked already
             continue
         handles.append(module.register_forward_pre_hook(_enter))
         handles.append(module.register_forward_hook(_exit, always_call=True))

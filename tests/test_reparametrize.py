@@ -98,6 +98,17 @@ def test_an_attention_layer_computes_each_masked_weight_once_per_forward_pass(tr
             torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_an_attention_layer_with_masked_weights_traces():
+    torch.manual_seed(0)
+    model = _TinyLM(tie=False)
+    reparametrize(model)
+    tokens = torch.randint(0, 50, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values
+        traced = torch.jit.trace(model, (tokens,))
+    torch.testing.assert_close(traced(tokens), model(tokens))
+
+
 def test_embeddings_are_pruned_on_request_but_a_tied_table_stays_dense_and_is_named_in_a_warning():
     untied = _TinyLM(tie=False)
     assert "embed.weight" in reparametrize(untied, embeddings=True)

@@ -129,7 +129,7 @@ def test_theta_changed_between_the_passes_raises():
     loss = other(torch.randn(4, 3, 6, 6)).sum()
     with torch.no_grad():
         other.head.parametrizations.weight.original.mul_(2)
-    with pytest.raises(RuntimeError, match="modified in place between the forward pass and the backward pass"):
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation \(a masked weight.s θ"):
         loss.backward()
 
 
@@ -163,3 +163,98 @@ def test_a_fit_with_it_trains_the_same_weights(monkeypatch):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def linear_pair():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    reparametrize(model)
+    other = copy.deepcopy(model)
+    recompute_masked_weights(other)
+    return model, other
+
+
+@pytest.mark.parametrize("change", ["input", "temperature", "kept"])
+def test_a_saved_tensor_changed_before_backward_raises_as_without(change):
+    """Autograd refuses a backward pass through a saved tensor changed in place; so it does with the notes."""
+    for model in linear_pair():
+        mask = masked_parameters(model)[0].mask
+        if change == "kept":
+            mask.harden(torch.rand(8, 8) > 0.5)
+        x = torch.randn(4, 8, requires_grad=True)
+        y = model(x).square().sum()
+        with torch.no_grad():
+            if change == "input":
+                x.mul_(2)
+            elif change == "temperature":
+                mask.set_temperature(0.05)
+            else:
+                mask.reopen()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+def test_a_weight_changed_in_place_in_the_forward_pass_is_kept_not_recomputed():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            w = self.weight
+            w.mul_(3.0)  # the masked weight is a computed tensor: a layer may change it before using it
+            return nn.functional.linear(x, w, self.bias)
+
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = Scaled(8, 8)
+        reparametrize(layer)
+        if recompute:
+            recompute_masked_weights(layer)
+        x = torch.randn(4, 8, requires_grad=True)
+        layer(x).square().sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
+
+
+def test_a_forward_pass_without_backward_frees_its_graph():
+    """Outputs that their own node saves (softmax's, in attention with need_weights=True) are not held in a cycle."""
+    _, other, _ = pair("soft")
+    attn = other.attn
+    x = torch.randn(2, 5, 8)
+    out = attn(x, x, x)[1]  # the attention weights: softmax's output, saved by softmax
+    ref = weakref.ref(out)
+    del out
+    assert ref() is None
+
+
+def test_a_sparse_tensor_saved_in_the_forward_pass():
+    class GraphConvolution(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, adjacency, x):
+            return torch.sparse.mm(adjacency, x @ self.weight)
+
+    layer = GraphConvolution()
+    reparametrize(layer)
+    recompute_masked_weights(layer)
+    adjacency = (torch.eye(5) + torch.diag(torch.ones(4), 1)).to_sparse().requires_grad_()
+    layer(adjacency, torch.randn(5, 8)).sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None
+
+
+def test_hooks_are_added_once_and_removed_when_fit_raises():
+    _, other, handles = pair("soft")
+    assert recompute_masked_weights(other) == []  # hooked already
+
+    class Failing(PlainClassifier):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise ValueError("a bug in the user's step")
+            return super().training_step(batch, batch_idx)
+
+    module = Failing()
+    callback = BudgetCallback(sparsity=0.8, recompute_masked_weights=True, measure_cut=False)
+    with pytest.raises(ValueError, match="a bug in the user's step"):
+        quiet_trainer(max_epochs=1, limit_train_batches=6, callbacks=[callback]).fit(
+            module, DigitsDataModule(image_size=16, batch_size=32))
+    assert not any(m._forward_pre_hooks for m in module.modules())
