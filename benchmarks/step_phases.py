@@ -3,7 +3,8 @@
 Outside ``Trainer.fit``: each phase of one step is timed alone on VGG19's (or another backbone's) reparametrized
 tensors, alternating rounds, with the fused kernels (``lightning_prune.fused_kernels``) and with the eager
 operations. Phases: the masked weights' forward and backward passes (``gate``, at a temperature in each of the
-schedule's two regimes), the budget loop's sample, margin and metric (``loop``, ``BudgetLoop.step`` less the proximal
+schedule's two regimes), the gate's forward pass alone (``recompute``: what ``recompute_masked_weights=True`` adds
+to a step), the budget loop's sample, margin and metric (``loop``, ``BudgetLoop.step`` less the proximal
 step), the proximal step under Adam's metric (``budget_step``), and the non-finite check. ``fit_step_cost.py``
 measures the whole step through ``Trainer.fit``.
 
@@ -41,6 +42,13 @@ def phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: Budge
             torch.autograd.backward(weights, grads)
         return run
 
+    def recompute():  # what recompute_masked_weights adds: the forward pass's gate again, in the backward pass
+        for p in params:
+            p.mask.set_temperature(0.05)
+        with torch.no_grad():
+            for p in params:
+                getattr(p.module, p.param_name)
+
     def sample():
         indices = sample_indices(params, 3)
         margin_gap(params, 0.5, "global", 3, 1.0, loop.floors, exempt=0.05, indices=indices)
@@ -55,8 +63,8 @@ def phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loop: Budge
 
     # the gate in the schedule's two regimes: T > 0 (a sigmoid in the forward pass), and T = 0 after the target reaches
     # the budget (the step in the forward pass); the backward pass is the same in both
-    return {"gate, T > 0": gate(0.05), "gate, T = 0": gate(0.0), "loop": sample, "budget_step": step,
-            "finite_check": finite}
+    return {"gate, T > 0": gate(0.05), "gate, T = 0": gate(0.0), "recompute": recompute, "loop": sample,
+            "budget_step": step, "finite_check": finite}
 
 
 def main(argv=None) -> dict:

@@ -308,7 +308,8 @@ def test_step_phases_times_each_phase_fused_and_eager(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "p.json").read_text()) == result
     assert {(r["phase"], r["kind"]) for r in result["rows"]} == {
-        (p, k) for p in ("gate, T > 0", "gate, T = 0", "loop", "budget_step", "finite_check") for k in ("fused", "eager")
+        (p, k) for p in ("gate, T > 0", "gate, T = 0", "recompute", "loop", "budget_step", "finite_check")
+        for k in ("fused", "eager")
     }
     assert all(r["ms"] > 0 for r in result["rows"])
 
