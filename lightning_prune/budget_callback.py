@@ -243,8 +243,8 @@ class BudgetCallback(Callback):
                 "(a configure_model that builds them anew on each call; make it return early when they exist)."
             )
         self._finite.start(self._params, trainer)
-        if self.recompute_masked_weights and not self._recompute_handles:
-            self._recompute_handles = recompute_masked_weights(pl_module)
+        if self.recompute_masked_weights:  # adds no second set of hooks
+            self._recompute_handles += recompute_masked_weights(pl_module)
         if self.total_steps is not None:
             self._total = self.total_steps
         elif self._total is None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.magnitude_mask import MagnitudeMask, is_compiling
+from lightning_prune.reparametrize import masked_parameters
 
 #: What autograd says when a saved tensor changed before the backward pass; the same words for the tensors saved here.
 CHANGED = ("one of the variables needed for gradient computation has been modified by an inplace operation (a {what} "
@@ -39,25 +40,35 @@ def _versions(mask: MagnitudeMask, theta: Tensor) -> tuple[int, ...]:
     return theta._version, mask.scale._version, mask.threshold._version, mask.temperature._version, mask.kept._version
 
 
-@dataclass
-class _Note:
-    """What the backward pass needs to compute a saved view of a masked weight again."""
+@dataclass(frozen=True)
+class _Source:
+    """What a masked weight of the forward pass was computed from: θ, the mask, its flags and the versions of both."""
 
     mask: MagnitudeMask
     theta: Tensor
     hard: bool
     step: bool
     versions: tuple[int, ...]
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
 
     def weight(self) -> Tensor:
         if _versions(self.mask, self.theta) != self.versions:
             raise RuntimeError(CHANGED.format(what="masked weight's θ, or its mask's scale, threshold, temperature or "
                                                    "kept mask"))
         # in the backward pass's grad mode: with create_graph=True the weight is part of the graph again
-        return self.mask.masked_weight(self.theta, self.hard, self.step).as_strided(self.size, self.stride, self.offset)
+        return self.mask.masked_weight(self.theta, self.hard, self.step)
+
+
+@dataclass
+class _Note:
+    """What the backward pass needs to compute a saved view of a masked weight again."""
+
+    source: _Source
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def weight(self) -> Tensor:
+        return self.source.weight().as_strided(self.size, self.stride, self.offset)
 
 
 @dataclass
@@ -79,16 +90,13 @@ class _Recorder:
     """The masked weights computed in the current forward pass, by storage; they are held until it ends (so that no
     other tensor can take their memory meanwhile)."""
 
-    weights: dict[int, tuple[Tensor, int, MagnitudeMask, Tensor, bool, bool, tuple[int, ...]]] = field(
-        default_factory=dict)
+    weights: dict[int, tuple[Tensor, int, _Source]] = field(default_factory=dict)  # (weight, its version, source)
 
     def pack(self, tensor: Tensor) -> Any:
-        entry = self.weights.get(_storage(tensor))
-        if entry is None or tensor.dtype != entry[0].dtype or tensor._version != entry[1]:
+        weight, version, source = self.weights.get(_storage(tensor), (None, None, None))
+        if weight is None or tensor.dtype != weight.dtype or tensor._version != version:
             return _Kept(tensor.detach(), tensor._version)  # not a masked weight, or one changed since
-        _, _, mask, theta, hard, step, versions = entry
-        return _Note(mask, theta, hard, step, versions, tuple(tensor.size()), tuple(tensor.stride()),
-                     tensor.storage_offset())
+        return _Note(source, tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset())
 
     @staticmethod
     def unpack(saved: Any) -> Tensor:
@@ -149,8 +157,8 @@ def _record(mask: MagnitudeMask, args: tuple[Tensor], weight: Tensor) -> None:
     whole = address is not None and weight.is_contiguous() and weight.storage_offset() == 0
     if whole and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size():
         theta = args[0]
-        recorder.weights[address] = (weight, weight._version, mask, theta, mask.is_hard, mask.step_gate,
-                                     _versions(mask, theta))
+        source = _Source(mask, theta, mask.is_hard, mask.step_gate, _versions(mask, theta))
+        recorder.weights[address] = (weight, weight._version, source)
 
 
 def recompute_masked_weights(model: nn.Module) -> list[RemovableHandle]:
@@ -174,10 +182,12 @@ def recompute_masked_weights(model: nn.Module) -> list[RemovableHandle]:
         >>> for handle in handles:
         ...     handle.remove()
     """
+    owners: dict[int, tuple[nn.Module, list[MagnitudeMask]]] = {}
+    for p in masked_parameters(model):
+        owners.setdefault(id(p.module), (p.module, []))[1].append(p.mask)
     handles: list[RemovableHandle] = []
-    for module in model.modules():
-        masks = [m for p in getattr(module, "parametrizations", {}).values() for m in p if isinstance(m, MagnitudeMask)]
-        if not masks or _enter in module._forward_pre_hooks.values():  # none, or hooked already
+    for module, masks in owners.values():
+        if _enter in module._forward_pre_hooks.values():  # hooked already
             continue
         handles.append(module.register_forward_pre_hook(_enter))
         handles.append(module.register_forward_hook(_exit, always_call=True))

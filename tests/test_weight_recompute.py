@@ -149,7 +149,7 @@ def test_a_fit_with_it_trains_the_same_weights(monkeypatch):
     weights computed again in the backward pass, and the module's hooks gone after fit."""
     recomputed = []
     weight = weight_recompute._Note.weight
-    monkeypatch.setattr(weight_recompute._Note, "weight", lambda note: recomputed.append(note.hard) or weight(note))
+    monkeypatch.setattr(weight_recompute._Note, "weight", lambda note: recomputed.append(note.source.hard) or weight(note))
     states = []
     for recompute in (False, True):
         torch.manual_seed(0)
