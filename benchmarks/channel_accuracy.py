@@ -1,8 +1,9 @@
 """Accuracy at a channel budget: ``BudgetCallback(structure="channels")`` against Lightning's
 ``ModelPruning("ln_structured")`` and Torch-Pruning's one-shot magnitude pruning with fine-tuning.
 
-Same backbone (Conv4 with BatchNorm), data, epochs, optimizer (``--recipe``) and seed for every method; each removes
-the share ``s`` of the channels of the four convolutions (the Linear layers stay whole):
+Same backbone (``--backbone``: Conv4 with BatchNorm, VGG19 with batch norm at ``--width-multiplier`` of its width, or
+ResNet18 at ``--resnet-width``, where only each block's first convolution loses channels), data, epochs, optimizer (``--recipe``) and seed for every method; each removes the share ``s`` of the channels of the
+convolutions (the Linear layers stay whole):
 
 * ``dense``: no pruning;
 * ``channels``: ``PrunedClassifier`` + ``BudgetCallback(sparsity=s, structure="channels")`` with its defaults (the
@@ -46,7 +47,7 @@ from result_files import write_json
 from torch import nn
 
 from lightning_prune import BudgetCallback, PrunedClassifier, remove_channels
-from lightning_prune.backbones import Conv4
+from lightning_prune.backbones import VGG19, Conv4, ResNet18
 from lightning_prune.channel_groups import torch_pruning
 from lightning_prune.channel_removal import macs_and_parameters
 
@@ -68,6 +69,10 @@ class BatchNormSetup(Setup):
     def backbone(self) -> nn.Module:
         a = self.args
         size, channels = (32, 3) if a.cifar10_dir else (a.image_size, 1)
+        if a.backbone == "vgg19":
+            return VGG19(num_classes=10, in_channels=channels, width_multiplier=a.width_multiplier)
+        if a.backbone == "resnet18":
+            return ResNet18(num_classes=10, in_channels=channels, width=a.resnet_width)
         return Conv4(num_classes=10, in_channels=channels, input_size=size, width=a.width, hidden=a.hidden,
                      batch_norm=True)
 
@@ -173,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--backbone", choices=("conv4", "vgg19", "resnet18"), default="conv4")
+    p.add_argument("--width-multiplier", type=float, default=0.25, help="VGG19's width (0.25: a quarter of the paper's)")
+    p.add_argument("--resnet-width", type=int, default=16, help="ResNet18's first width (64: the paper's)")
+    p.add_argument("--width", type=int, default=64, help="Conv4's width")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--recipe", choices=("adam", "sgd-cosine"), default="adam")
@@ -186,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.limit_train_batches = 1.0
+    if args.backbone == "vgg19" and not args.cifar10_dir and args.image_size < 32:
+        p.error("--backbone vgg19 halves the image five times: give --cifar10-dir, or --image-size 32 or more")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_prune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -329,6 +330,28 @@ def test_channel_accuracy_compares_the_channel_budget_with_ln_structured_and_tor
     assert (rows["scratch"]["channels_removed"], rows["scratch"]["macs_removed"]) == (
         rows["channels"]["channels_removed"], rows["channels"]["macs_removed"])
     assert all(0 <= r["test_acc"] <= 1 for r in rows.values())
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet18"])
+def test_channel_accuracy_on_vgg19_and_resnet18(backbone):
+    channel = _load("channel_accuracy")
+    result = channel.main(["--threads", "1", "--seeds", "0", "--epochs", "1", "--image-size", "32", "--sparsities", "0.5",
+                           "--backbone", backbone, "--width-multiplier", "0.125", "--resnet-width", "4",
+                           "--methods", "dense", "channels"])
+    rows = {r["method"]: r for r in result["rows"]}
+    network = channel.BatchNormSetup(argparse.Namespace(**result["args"])).backbone()
+    assert type(network).__name__ == {"vgg19": "VGG19", "resnet18": "ResNet18"}[backbone]
+    if backbone == "vgg19":  # every convolution's channels can go: half of them went
+        assert rows["channels"]["channels_removed"] == pytest.approx(0.5, abs=0.01)
+    else:  # only each block's first convolution loses channels: half of its 120 of the 300 at width 4
+        assert rows["channels"]["channels_removed"] == pytest.approx(60 / 300, abs=1e-3)
+    assert rows["channels"]["macs_removed"] > 0.15 and rows["dense"]["macs_removed"] == 0.0
+
+
+def test_channel_accuracy_refuses_vgg19_on_small_images():
+    channel = _load("channel_accuracy")
+    with pytest.raises(SystemExit):
+        channel.main(["--backbone", "vgg19", "--image-size", "16", "--seeds", "0"])
 
 
 def test_channel_accuracy_scratch_draws_every_weight_anew():
