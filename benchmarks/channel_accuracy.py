@@ -2,8 +2,9 @@
 ``ModelPruning("ln_structured")`` and Torch-Pruning's one-shot magnitude pruning with fine-tuning.
 
 Same backbone (``--backbone``: Conv4 with BatchNorm, VGG19 with batch norm at ``--width-multiplier`` of its width, or
-ResNet18 at ``--resnet-width``, where only each block's first convolution loses channels), data, epochs, optimizer (``--recipe``) and seed for every method; each removes the share ``s`` of the channels of the
-convolutions (the Linear layers stay whole):
+ResNet18 at ``--resnet-width``, where only each block's first convolution loses channels), data, epochs, optimizer
+(``--recipe``) and seed for every method; each removes the share ``s`` of the channels of the convolutions (the Linear
+layers stay whole):
 
 * ``dense``: no pruning;
 * ``channels``: ``PrunedClassifier`` + ``BudgetCallback(sparsity=s, structure="channels")`` with its defaults (the

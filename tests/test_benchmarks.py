@@ -348,10 +348,11 @@ def test_channel_accuracy_on_vgg19_and_resnet18(backbone):
     assert rows["channels"]["macs_removed"] > 0.15 and rows["dense"]["macs_removed"] == 0.0
 
 
-def test_channel_accuracy_refuses_vgg19_on_small_images():
+def test_channel_accuracy_refuses_vgg19_on_small_images(capsys):
     channel = _load("channel_accuracy")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         channel.main(["--backbone", "vgg19", "--image-size", "16", "--seeds", "0"])
+    assert exit_info.value.code == 2 and "halves the image five times" in capsys.readouterr().err
 
 
 def test_channel_accuracy_scratch_draws_every_weight_anew():
