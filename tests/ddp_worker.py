@@ -31,19 +31,33 @@ FAULT_STEP = {"nan_loss_rank1": 3, "nan_latent_rank1": 4}
 SPARSITY = 0.8
 
 
-class Recorder(Callback):
-    """At every optimizer step: the schedules, the masks' buffers and the gradient of each latent as the optimizer
-    sees it (task + λ·budget); after the step, the latents. Injects the ``nan_latent_rank1`` fault."""
+class BeforeBudget(Callback):
+    """Listed before BudgetCallback: the latents at every optimizer step just before the budget step."""
 
-    def __init__(self, budget: BudgetCallback, scenario: str) -> None:
+    def __init__(self) -> None:
+        self.latents: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.latents.append([x.latent.detach().clone() for x in masked_parameters(pl_module)])
+
+
+class Recorder(Callback):
+    """At every optimizer step, after BudgetCallback's hook: the schedules, the masks' buffers, the gradient of each
+    latent as the optimizer sees it (the task's, all-reduced) and the latents before and after the budget step; after
+    the optimizer step, the latents. Injects the ``nan_latent_rank1`` fault."""
+
+    def __init__(self, budget: BudgetCallback, scenario: str, before: BeforeBudget) -> None:
         self.budget = budget
         self.scenario = scenario
+        self.before = before
         self.steps: list[dict] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         layers = masked_parameters(pl_module)
         self.steps.append(
             {
+                "before_budget": self.before.latents[-1],
+                "after_budget": [x.latent.detach().clone() for x in layers],
                 "global_step": trainer.global_step,
                 "schedule": (
                     None if self.budget.budget_loop.latest_lambda is None else self.budget.budget_loop.latest_lambda.tolist(),
@@ -87,13 +101,14 @@ def run(out_dir: str, scenario: str) -> None:
     torch.manual_seed(100 + rank)  # other initial weights on each rank: DDP must broadcast rank 0's
     model = FaultyClassifier(scenario, backbone=tiny_conv4(input_size=8), num_classes=10)
     budget = BudgetCallback(sparsity=SPARSITY)
-    recorder = Recorder(budget, scenario)
+    before = BeforeBudget()
+    recorder = Recorder(budget, scenario, before)
     trainer = pl.Trainer(
         strategy="ddp_find_unused_parameters_true" if scenario == "unused_on_rank1" else "ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=2,
-        callbacks=[budget, recorder],
+        callbacks=[before, budget, recorder],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -8,6 +8,7 @@ from plain_modules import PlainClassifier, quiet_trainer, tiny_conv4
 
 from lightning_prune import (
     BudgetCallback,
+    CutReport,
     LoopSettings,
     NonFiniteError,
     PrunedClassifier,
@@ -161,16 +162,23 @@ def test_a_non_finite_loss_stops_before_the_step_with_a_clear_error():
 
 
 def test_state_dict_holds_the_controller_and_a_load_restores_it():
+    """What cannot be recomputed from the step: the loop's integral, the planned length, whether the cut was made and
+    its report. A fresh callback that loads the state continues exactly as the saved one."""
     torch.manual_seed(0)
     a = BudgetCallback(sparsity=0.9)
     a.controller.update(torch.tensor([0.3]))
     a.controller.update(torch.tensor([0.1]))
     a._total = 100
+    a.finalized = True
+    a.report = CutReport(coverage="4 tensors", step=100, planned_steps=100, kept=10, total=100, kept_hard_before=0.11,
+                         val_after_cut={"val_acc": 0.5}, per_tensor={"net.0.weight": (10, 100)})
     state = a.state_dict()
     assert set(state) == {"total_steps", "finalized", "sparsity", "controller", "report"}
     b = BudgetCallback(sparsity=0.9)
+    assert not b.finalized and b.report != a.report  # the load has something to restore
     b.load_state_dict(state)
     assert b._total == 100
+    assert b.finalized and b.report == a.report
     gap = torch.tensor([0.05])
     assert float(b.controller.update(gap)) == float(a.controller.update(gap))
 
@@ -199,12 +207,13 @@ def _conv4_classifier() -> PrunedClassifier:
     return PrunedClassifier(Conv4(num_classes=10, in_channels=1, input_size=16), num_classes=10)
 
 
-@pytest.mark.parametrize("sparsity", [0.9, 0.98, 0.99, 0.995])
-def test_default_layer_floor_fits_any_budget(sparsity):
+# the documented default, worked out by hand: 1% of each tensor, but at most half the keep share
+@pytest.mark.parametrize("sparsity, floor", [(0.9, 0.01), (0.98, 0.01), (0.99, 0.005), (0.995, 0.0025)])
+def test_default_layer_floor_fits_any_budget(sparsity, floor):
     """1% of each layer, rounded up per layer, exceeds a 1% budget: the default floor is capped at half the keep share."""
     model = _conv4_classifier()
     callback = BudgetCallback(sparsity=sparsity, total_steps=10)
-    assert callback.min_layer_keep == min(0.01, (1 - sparsity) / 2)
+    assert callback.min_layer_keep == pytest.approx(floor, rel=1e-9)
     callback.setup(quiet_trainer(max_epochs=1), model, "fit")  # raises when the floors exceed the budget
     sizes = [p.numel for p in masked_parameters(model)]
     assert sum(layer_floor(n, callback.min_layer_keep) for n in sizes) <= budget_count(sum(sizes), sparsity)

@@ -83,6 +83,30 @@ def test_schedules_budget_gradient_and_latents_agree_at_every_step(ranks):
     assert any(s["schedule"][0] not in (None, [0.0]) for s in a["steps"])  # the budget loop did act
 
 
+def test_the_budget_step_is_taken_on_every_rank_in_the_direction_of_lambda(ranks):
+    """The budget step itself, under DDP: the latents just before and just after BudgetCallback's hook. λ > 0 shrinks
+    weights toward 0 (never past it), λ < 0 grows them, λ = 0 leaves them; the same on both ranks. A step skipped or
+    taken with the wrong sign under DDP would leave the ranks equal, so equality alone cannot show it."""
+    a, b = ranks["fit"]
+    shrinking = 0
+    for sa, sb in zip(a["steps"], b["steps"]):
+        step, lam = sa["global_step"], sa["schedule"][0]
+        for before, after, before_b, after_b in zip(sa["before_budget"], sa["after_budget"], sb["before_budget"],
+                                                    sb["after_budget"]):
+            assert torch.equal(before, before_b) and torch.equal(after, after_b), step
+            assert bool((before * after >= 0).all()), step  # no weight crosses 0
+        before = torch.cat([t.flatten() for t in sa["before_budget"]]).abs()
+        after = torch.cat([t.flatten() for t in sa["after_budget"]]).abs()
+        if lam is None or lam == [0.0]:
+            assert torch.equal(before, after), step
+        elif lam[0] > 0:
+            assert bool((after <= before).all()) and bool((after < before).any()), step
+            shrinking += 1
+        else:
+            assert bool((after >= before).all()) and bool((after > before).any()), step
+    assert shrinking >= 3  # the loop did act, on several steps
+
+
 def test_finalised_masks_are_identical_and_the_budget_is_exact(ranks):
     a, b = ranks["fit"]
     assert all(a["hard"]) and all(b["hard"])

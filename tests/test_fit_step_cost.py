@@ -49,6 +49,11 @@ def test_fit_step_cost_writes_a_row_per_variant_with_its_ratio(fit_step_cost, tm
         for column in ("median_ms", "time_ratio", "memory_mb", "memory_ratio"):
             value = float(r[column])
             assert math.isfinite(value) and value > 0, (r["variant"], column, value)
+    # one round: each ratio is the variant's own figure over the dense row's (the variants' times all differ)
+    dense = next(r for r in table if r["variant"] == "dense")
+    for r in table:
+        assert float(r["time_ratio"]) == pytest.approx(float(r["median_ms"]) / float(dense["median_ms"]), rel=1e-9)
+        assert float(r["memory_ratio"]) == pytest.approx(float(r["memory_mb"]) / float(dense["memory_mb"]), rel=1e-9)
     memory = {r["variant"]: float(r["memory_mb"]) for r in table}
     # the layers keep the masked weights for the backward pass (one float per covered weight); recomputed, they do not
     backbone = fit_step_cost.BACKBONES["conv4"]()

@@ -54,6 +54,39 @@ def test_bf16_fit_is_finite_and_meets_the_budget_exactly(precision, latent_dtype
     assert callback.report.val_after_cut["val/acc"] > 0.1
 
 
+class _Scales(Callback):
+    """The GradScaler's scale at every optimizer step (after the backward pass, before the step it may skip)."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def test_16_mixed_with_a_grad_scaler_skips_overflowing_steps_without_a_non_finite_error():
+    """float16 autocast with a GradScaler (on the CPU here; Lightning builds one for a GPU): its first scales make the
+    gradients overflow, and the scaler skips those optimizer steps. Inf gradients are the scaler's business: the fit
+    goes on, the latent weights stay finite, the loop still brings the share in use to the budget and the cut is exact."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+    callback, watch, scales = BudgetCallback(sparsity=0.8), _Watch(), _Scales()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    trainer = quiet_trainer(max_epochs=2, plugins=[plugin], callbacks=[callback, watch, scales])
+    trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert watch.conv_dtypes == {torch.float16}  # the network really computed in float16
+    # the premise: some steps overflowed and were skipped (each halves the scale), and later ones were taken
+    assert scales.scales[0] == 2.0**24 and scales.scales[-1] < scales.scales[0] and len(set(scales.scales[-5:])) == 1
+    assert trainer.global_step == 20 and all(math.isfinite(loss) for loss in watch.losses)
+    layers = masked_parameters(model)
+    assert all(layer.latent.dtype == torch.float32 and torch.isfinite(layer.latent).all() for layer in layers)
+    total = sum(layer.numel for layer in layers)
+    assert callback.report.kept == sum(int(layer.mask.kept.sum()) for layer in layers) == budget_count(total, 0.8)
+    assert abs(callback.report.kept_hard_before / 0.2 - 1) < 0.1
+
+
 def test_gates_of_a_bf16_weight_compare_with_the_threshold_in_float32():
     mask = MagnitudeMask((1,), scale=1.0078, threshold=1.0, temperature=1e-6)
     theta = torch.tensor([1.0078125], dtype=torch.bfloat16)  # |θ|/s = 1.0000124 in float32: above c = 1

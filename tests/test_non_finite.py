@@ -27,14 +27,14 @@ class _Fault(Callback):
     comes after it), just before ModelCheckpoint saves that step; ``"input"``, the batch is NaN, so the loss is.
     """
 
-    def __init__(self, where: str, at: int, ckpt_dir) -> None:
-        self.where, self.at, self.ckpt_dir = where, at, ckpt_dir
+    def __init__(self, where: str, at: int, ckpt_dir, value: float = float("nan")) -> None:
+        self.where, self.at, self.ckpt_dir, self.value = where, at, ckpt_dir, value
         self.before: dict[str, tuple[bytes, int]] | None = None
 
     def _inject(self, trainer, target: torch.Tensor) -> None:
         self.before = _snapshot(self.ckpt_dir) if self.ckpt_dir is not None else {}
         with torch.no_grad():
-            target.view(-1)[0] = float("nan")
+            target.view(-1)[0] = self.value
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.where == "input" and trainer.global_step == self.at:
@@ -113,6 +113,40 @@ def test_nan_stops_training_and_the_last_checkpoint_is_intact(tmp_path, where, a
     assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
     loaded = PrunedClassifier.load_from_checkpoint(tmp_path / "last.ckpt", backbone=tiny_conv4(input_size=8))
     assert torch.isfinite(loaded.eval()(torch.randn(4, 1, 8, 8))).all()
+
+
+class _InfLossAt(PrunedClassifier):
+    """The training loss is +Inf at one step (a cross-entropy is positive: loss × Inf is +Inf, not NaN)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(tiny_conv4(input_size=8), num_classes=10)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.global_step == self.at else loss
+
+
+@pytest.mark.parametrize("read", ["at_once", "deferred"])
+@pytest.mark.parametrize("fault", ["inf_loss", "inf_latent", "minus_inf_latent"])
+def test_an_inf_stops_training_as_a_nan_does(monkeypatch, read, fault):
+    """A NaN is not the only non-finite value: +Inf in the loss, ±Inf in a latent weight stop the fit alike (read at
+    once on a CPU, or deferred to the next logging step as on an accelerator)."""
+    if read == "deferred":
+        monkeypatch.setattr("lightning_prune.non_finite.reads_wait_for_the_device", lambda device: True)
+    torch.manual_seed(0)
+    if fault == "inf_loss":
+        model, callbacks = _InfLossAt(3), []
+        message = r"The training loss (is|was) inf at step 3"
+    else:
+        model = PrunedClassifier(tiny_conv4(input_size=8), num_classes=10)
+        callbacks = [_Fault("update", 3, None, value=float("inf") if fault == "inf_latent" else -float("inf"))]
+        message = r"'backbone\.features\.2\.weight' has non-finite latent weights after step 4"
+    found_at = 5 if read == "deferred" else 3 if fault == "inf_loss" else 4  # deferred: the next logging step
+    trainer = quiet_trainer(max_steps=8, log_every_n_steps=5, callbacks=[BudgetCallback(sparsity=0.8), *callbacks])
+    with pytest.raises(NonFiniteError, match=message):
+        trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128))
+    assert trainer.global_step == found_at
 
 
 def test_check_finite_false_lets_the_nan_through(tmp_path):
