@@ -64,6 +64,7 @@ class Row:
     channels_removed: float
     macs_removed: float
     seconds: float
+    widths: list[int]  #: output channels of each convolution of the network tested
 
 
 class BatchNormSetup(Setup):
@@ -164,7 +165,8 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
     else:
         macs = macs_and_parameters(network, x)[0]
     row = Row(method, s if method != "dense" else 0.0, seed, test_accuracy(network, dm.test_dataloader()),
-              round(removed, 4), round(1 - macs / reference[1], 4), round(time.perf_counter() - start, 1))
+              round(removed, 4), round(1 - macs / reference[1], 4), round(time.perf_counter() - start, 1),
+              [c.out_channels for c in convs(network)])
     print(f"  seed {seed} {method:14s} s={row.sparsity:.2f}: acc {row.test_acc:.4f}, channels removed "
           f"{row.channels_removed:.3f}, MACs removed {row.macs_removed:.3f} ({row.seconds:.0f} s)", flush=True)
     return row

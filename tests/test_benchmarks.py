@@ -111,10 +111,9 @@ def test_accuracy_at_budget_writes_rows_and_a_summary_for_every_method(accuracy,
     assert [(s.method, s.target_sparsity) for s in summary] == [
         ("dense", 0.0), ("lightning_prune", sparsity), ("modelpruning", sparsity), ("gmp", sparsity),
         ("oneshot", sparsity)]
-    for s in summary:
+    for s in summary:  # the figures themselves: test_accuracy_summary_groups_the_seeds_and_divides_by_the_dense_mean
         assert s.runs == 1 and s.acc_std == 0.0
         assert math.isfinite(s.acc_ratio_to_dense) and s.acc_ratio_to_dense >= 0
-    assert summary[0].acc_ratio_to_dense == 1.0
 
     report = json.loads(json_path.read_text())
     assert report["environment"]["torch"] == torch.__version__
@@ -122,6 +121,23 @@ def test_accuracy_at_budget_writes_rows_and_a_summary_for_every_method(accuracy,
     assert len(report["runs"]) == len(runs) and len(report["summary"]) == len(summary)
     lp = next(s for s in report["summary"] if s["method"] == "lightning_prune")
     assert lp["sparsity_mean"] == pytest.approx(sparsity, abs=1e-3)
+
+
+def test_accuracy_summary_groups_the_seeds_and_divides_by_the_dense_mean(accuracy):
+    """Accuracies chosen so that every figure is known in advance; the runs come in no particular order."""
+    def run(method, sparsity, seed, acc):
+        return accuracy.Run(method, sparsity, seed, acc, achieved_sparsity=sparsity, seconds=1.0)
+
+    runs = [run("gmp", 0.9, 0, 0.425), run("lightning_prune", 0.9, 1, 0.68), run("dense", 0.0, 0, 0.80),
+            run("lightning_prune", 0.95, 0, 0.51), run("lightning_prune", 0.9, 0, 0.85), run("dense", 0.0, 1, 0.90)]
+    summary = accuracy.summarize(runs)
+    assert [(s.method, s.target_sparsity, s.runs) for s in summary] == [
+        ("dense", 0.0, 2), ("lightning_prune", 0.9, 2), ("gmp", 0.9, 1), ("lightning_prune", 0.95, 1)]
+    # dense mean 0.85: 0.765 / 0.85 = 0.9, 0.425 / 0.85 = 0.5, 0.51 / 0.85 = 0.6
+    assert [s.acc_mean for s in summary] == pytest.approx([0.85, 0.765, 0.425, 0.51], abs=1e-4)
+    assert [s.acc_ratio_to_dense for s in summary] == pytest.approx([1.0, 0.9, 0.5, 0.6], abs=1e-4)
+    assert summary[1].acc_std == pytest.approx(0.1202, abs=1e-4)  # sample std of 0.85 and 0.68: 0.17 / √2
+    assert all(math.isnan(s.acc_ratio_to_dense) for s in accuracy.summarize([r for r in runs if r.method != "dense"]))
 
 
 @pytest.mark.parametrize("epochs", [1, 5, 20])
@@ -321,14 +337,15 @@ def test_channel_accuracy_compares_the_channel_budget_with_ln_structured_and_tor
                            "--sparsities", "0.5", "--json", str(tmp_path / "c.json")])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(channel.METHODS)
-    # ours and Torch-Pruning take out half of the 32 channels; ModelPruning's masks zero them but keep the size
+    # ours and Torch-Pruning take out half of the 48 channels; ModelPruning's masks zero them but keep the size
     assert rows["channels"]["channels_removed"] == rows["tp_oneshot"]["channels_removed"] == 0.5
     assert rows["ln_structured"]["channels_removed"] == pytest.approx(0.5, abs=0.07)
     assert rows["ln_structured"]["macs_removed"] == 0.0 and rows["dense"]["macs_removed"] == 0.0
     assert 0.5 < rows["channels"]["macs_removed"] < 0.9
-    # the smaller network trained from scratch has the channel run's shape
-    assert (rows["scratch"]["channels_removed"], rows["scratch"]["macs_removed"]) == (
-        rows["channels"]["channels_removed"], rows["channels"]["macs_removed"])
+    # the smaller network trained from scratch has the channel run's layer widths; the masks-only one keeps all 48
+    assert rows["scratch"]["widths"] == rows["channels"]["widths"] and sum(rows["channels"]["widths"]) == 24
+    assert rows["scratch"]["macs_removed"] == rows["channels"]["macs_removed"]
+    assert rows["ln_structured"]["widths"] == rows["dense"]["widths"] == [8, 8, 16, 16]
     assert all(0 <= r["test_acc"] <= 1 for r in rows.values())
 
 
