@@ -78,3 +78,10 @@ class HostReads:
                 return _original(tensor, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def same_optimizer_state(a: dict, b: dict) -> bool:
+    """Whether two optimizer ``state_dict()``s are equal bit for bit: the param groups and every state tensor."""
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(torch.equal(a["state"][k][name], b["state"][k][name]) for k in a["state"] for name in a["state"][k])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from plain_modules import CrashAt, quiet_trainer, tiny_conv4
+from plain_modules import CrashAt, quiet_trainer, same_optimizer_state, tiny_conv4
 from torch.utils.data import DataLoader
 
 from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, masked_parameters
@@ -65,14 +65,6 @@ def _fit(ckpt_dir, ckpt_path=None, crash_at=None, seed=0, stateful=True, max_epo
     return model, callback, trainer
 
 
-def _same_optimizer_state(a: dict, b: dict) -> bool:
-    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
-        return False
-    return all(
-        torch.equal(a["state"][k][name], b["state"][k][name]) for k in a["state"] for name in a["state"][k]
-    )
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("full")
@@ -89,7 +81,7 @@ def test_mid_epoch_checkpoint_holds_the_run_state_exactly(full_run, tmp_path):
     ref = torch.load(full_dir / "step=15.ckpt", weights_only=False)
     for key, value in ref["state_dict"].items():
         assert torch.equal(value, part["state_dict"][key]), key
-    assert _same_optimizer_state(ref["optimizer_states"][0], part["optimizer_states"][0])
+    assert same_optimizer_state(ref["optimizer_states"][0], part["optimizer_states"][0])
     (cb_key,) = [k for k in part["callbacks"] if k.startswith("BudgetCallback")]
     assert part["callbacks"][cb_key] == ref["callbacks"][cb_key]
     assert part["callbacks"][cb_key]["controller"]["engaged"] == [True]  # the loop's state is in the checkpoint
@@ -106,7 +98,7 @@ def test_mid_epoch_resume_continues_exactly(full_run, tmp_path):
     for a, b in zip(masked_parameters(full), masked_parameters(resumed)):
         assert torch.equal(a.mask.kept, b.mask.kept), a.name
         assert torch.equal(a.latent, b.latent), a.name
-    assert _same_optimizer_state(
+    assert same_optimizer_state(
         full_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
     )
     layers = masked_parameters(resumed)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from plain_modules import CrashAt, quiet_trainer, tiny_conv4
+from plain_modules import CrashAt, quiet_trainer, same_optimizer_state, tiny_conv4
 
 from lightning_prune import BudgetCallback, PrunedClassifier, budget_count, masked_parameters
 from lightning_prune.data import DigitsDataModule
@@ -17,12 +17,6 @@ def _fit(tmp_path, ckpt_path=None, crash_at=None, seed=0):
     trainer = quiet_trainer(max_epochs=4, callbacks=callbacks, deterministic=True, enable_checkpointing=True)
     trainer.fit(model, DigitsDataModule(image_size=8, batch_size=128), ckpt_path=ckpt_path)
     return model, callback, trainer
-
-
-def _same_optimizer_state(a: dict, b: dict) -> bool:
-    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
-        return False
-    return all(torch.equal(a["state"][k][name], b["state"][k][name]) for k in a["state"] for name in a["state"][k])
 
 
 def test_resume_between_epochs_continues_exactly(tmp_path):
@@ -42,7 +36,7 @@ def test_resume_between_epochs_continues_exactly(tmp_path):
     for a, b in zip(masked_parameters(full), masked_parameters(resumed)):
         assert torch.equal(a.mask.kept, b.mask.kept), a.name
         assert torch.equal(a.latent, b.latent), a.name
-    assert _same_optimizer_state(full_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict())
+    assert same_optimizer_state(full_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict())
 
 
 def test_final_checkpoint_is_hard_pruned_and_loads_strictly(tmp_path):
