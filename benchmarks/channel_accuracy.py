@@ -157,8 +157,8 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
         model, dm = fit(setup, seed, [], a.epochs - first, rest, dm)
         network = model.backbone
     x = next(iter(dm.test_dataloader()))[0][:1] if x is None else x
-    channels = sum(c.out_channels for c in convs(network))
-    removed = 1 - channels / reference[0]
+    widths = [c.out_channels for c in convs(network)]
+    removed = 1 - sum(widths) / reference[0]
     if method == "ln_structured":  # masks only: zero rows, but the network runs at its full size
         removed = sum(int((c.weight.flatten(1).abs().sum(1) == 0).sum()) for c in convs(network)) / reference[0]
         macs = reference[1]
@@ -166,7 +166,7 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
         macs = macs_and_parameters(network, x)[0]
     row = Row(method, s if method != "dense" else 0.0, seed, test_accuracy(network, dm.test_dataloader()),
               round(removed, 4), round(1 - macs / reference[1], 4), round(time.perf_counter() - start, 1),
-              [c.out_channels for c in convs(network)])
+              widths)
     print(f"  seed {seed} {method:14s} s={row.sparsity:.2f}: acc {row.test_acc:.4f}, channels removed "
           f"{row.channels_removed:.3f}, MACs removed {row.macs_removed:.3f} ({row.seconds:.0f} s)", flush=True)
     return row
