@@ -1,7 +1,7 @@
 """CPU inference latency of networks whose channels were removed (``structure="channels"``) against the dense one.
 
-For each model and channel sparsity, the BatchNorm layers whose channels can go on their own
-(:func:`lightning_prune.channel_groups.channel_groups`) get channel masks, cut at that sparsity by
+For each model and channel sparsity, the BatchNorm layers whose channels can go, alone or joined by residual
+additions (:func:`lightning_prune.channel_groups.channel_groups`), get channel masks, cut at that sparsity by
 ``finalize`` from random scales γ (latency depends only on the layer shapes, not on what was learnt; accuracy is
 measured by ``accuracy_at_budget.py --methods channels``), and :func:`lightning_prune.remove_channels` builds the
 smaller network, whose outputs are checked equal to the masked one's. Two variants run, alternating round by round
@@ -50,13 +50,13 @@ def smaller(dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int
     """The dense network with ``sparsity`` of its removable channels taken out, chosen from random scales."""
     model = copy.deepcopy(dense)
     x = torch.randn(2, *shape)
-    names = list(channel_groups(model, x).removable)
+    groups = channel_groups(model, x)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in names:
+        for name in groups.removable:
             bn = model.get_submodule(name)
             bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
-    reparametrize_channels(model, names)
+    reparametrize_channels(model, list(groups.removable), joined=groups.joined)
     finalize(model, sparsity=sparsity)
     return remove_channels(model, x).eval()
 

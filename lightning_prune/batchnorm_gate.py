@@ -6,6 +6,10 @@ shift must go with it: a forward hook replaces ``β_c`` with ``β_c·h_T(γ_c)``
 keeps its own). With the gate at 0 the channel outputs exactly 0, and after any activation with ``f(0) = 0`` (ReLU,
 GELU, SiLU, hard-swish) the next layer reads nothing from it: :mod:`~lightning_prune.channel_removal` removes it
 without changing the network's outputs.
+
+Channels joined by a residual addition live in several BatchNorm layers (each block's last one and the shortcut's):
+one of them, the leader, holds the mask, and each other layer of the group (a follower) multiplies its output by the
+leader's gate (:class:`FollowGate`), so a removed channel is 0 in every layer that adds into it.
 """
 
 from __future__ import annotations
@@ -53,4 +57,55 @@ def fold_batchnorm_shift(module: _BatchNorm) -> None:
     if module.bias is not None:
         module.bias.copy_(gated_shift(module))
     for key in [k for k, hook in module._forward_hooks.items() if hook is _gate_shift]:
+        del module._forward_hooks[key]
+
+
+class FollowGate:
+    """Forward hook of a BatchNorm layer whose channels are joined to ``leader``'s (a residual addition): the layer's
+    output is multiplied by the leader's gate, without its gradient, so a channel the leader removes is 0 here too.
+
+    Args:
+        leader: the BatchNorm layer whose scale ``γ`` holds the channel mask of the group.
+    """
+
+    def __init__(self, leader: _BatchNorm) -> None:
+        self.leader = leader
+
+    def __call__(self, module: _BatchNorm, args, output: Tensor) -> Tensor:
+        gate = channel_gate(self.leader).to(output.dtype)
+        return output * gate.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+def follow_gate(follower: _BatchNorm, leader: _BatchNorm) -> None:
+    """Let ``leader``'s channel gate also multiply ``follower``'s output (once)."""
+    if not any(isinstance(hook, FollowGate) for hook in follower._forward_hooks.values()):
+        follower.register_forward_hook(FollowGate(leader))
+
+
+def followers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{follower name: its leader}`` for the BatchNorm layers of ``model`` that follow another's channel gate."""
+    found = {}
+    for name, module in model.named_modules():
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, FollowGate):
+                found[name] = hook.leader
+    return found
+
+
+@torch.no_grad()
+def gated_follower(module: _BatchNorm) -> dict[str, Tensor]:
+    """``{"weight": γ ⊙ gate, "bias": β ⊙ gate}`` of a follower: what a plain layer needs to compute the same."""
+    hook = next(h for h in module._forward_hooks.values() if isinstance(h, FollowGate))
+    gate = channel_gate(hook.leader)
+    return {key: getattr(module, key) * gate.to(getattr(module, key).dtype)
+            for key in ("weight", "bias") if getattr(module, key, None) is not None}
+
+
+@torch.no_grad()
+def fold_follow_gate(module: _BatchNorm) -> None:
+    """Write the leader's gate into a follower's ``γ`` and ``β`` and remove its hook: call before the leader's mask
+    is removed."""
+    for key, value in gated_follower(module).items():
+        getattr(module, key).copy_(value)
+    for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, FollowGate)]:
         del module._forward_hooks[key]

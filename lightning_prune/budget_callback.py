@@ -198,7 +198,7 @@ class BudgetCallback(Callback):
             check_known_length(trainer)
         temperatures = {"temperature": self.loop.temperature_start, "grad_temperature": self.loop.grad_temperature}
         if self.structure == "channels":
-            reparametrize_channels(pl_module, list(groups.removable), **temperatures)
+            reparametrize_channels(pl_module, list(groups.removable), joined=groups.joined, **temperatures)
         else:
             reparametrize(pl_module, self.include, self.exclude, self.embeddings, **temperatures)
         self._attach_state(pl_module)

@@ -1,10 +1,12 @@
-"""Which channels can be removed on their own: a BatchNorm layer's channels whose only readers are the next layers'
-inputs, found with Torch-Pruning's dependency graph, and masking them (``structure="channels"``).
+"""Which channels can be removed: a BatchNorm layer's channels, alone or with the layers a residual addition joins
+them to, found with Torch-Pruning's dependency graph, and masking them (``structure="channels"``).
 
-A channel ``c`` of a BatchNorm layer can go when the layer that feeds it (a convolution or linear layer computing
-channel ``c`` alone) and the layers that read it (through activations, pooling, flattening) can drop it without
-touching any other layer's channels. Channels joined to others by a residual addition or a concatenation, or that a
-depthwise convolution carries on, stay: removing them would need one mask over all the layers of the group.
+A channel ``c`` can go when every layer that computes it (a convolution or linear layer followed by a BatchNorm
+layer) and every layer that reads it (through activations, pooling, flattening, additions) can drop it. Most channels
+live in one BatchNorm layer; those of a residual stream live in several (each block's last BatchNorm and the
+shortcut's), which go together: the first of them (the leader) holds the mask, the others follow its gate
+(:class:`~lightning_prune.batchnorm_gate.FollowGate`) and the budget counts the group's channels once. Channels
+that a LayerNorm, a concatenation, a grouped convolution or an operation other than an addition carries on stay.
 `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_'s ``DependencyGraph`` traces the network once (an example
 input through autograd) and lists, for a channel, every layer that holds it; it also performs the removal
 (:mod:`~lightning_prune.channel_removal`). It handles torchvision, timm and user models alike, where rules written
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.batchnorm_gate import follow_gate
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import _matches, register_mask
 
@@ -42,14 +45,19 @@ def torch_pruning() -> Any:
 
 @dataclass
 class ChannelGroups:
-    """The BatchNorm layers whose channels can be removed on their own, and why the others cannot."""
+    """The BatchNorm layers whose channels can be removed, the layers joined to them, and why the others cannot."""
 
-    removable: dict[str, int] = field(default_factory=dict)  #: layer name → channels
+    removable: dict[str, int] = field(default_factory=dict)  #: layer name (a group's leader) → channels
+    joined: dict[str, list[str]] = field(default_factory=dict)  #: leader → the layers whose channels go with its own
     kept_whole: dict[str, str] = field(default_factory=dict)  #: layer name → why its channels stay
 
     def summary(self) -> str:
         channels = sum(self.removable.values())
-        text = f"the channel budget covers {len(self.removable)} BatchNorm layers, {channels:,} channels"
+        layers = len(self.removable) + sum(len(v) for v in self.joined.values())
+        text = f"the channel budget covers {layers} BatchNorm layers, {channels:,} channels"
+        if self.joined:
+            groups = f"{len(self.joined)} group{'s' if len(self.joined) > 1 else ''}"
+            text += f" ({groups} of joined layers counted once)"
         if self.kept_whole:
             first = next(iter(self.kept_whole.items()))
             text += f"; {len(self.kept_whole)} layers keep all their channels (e.g. {first[0]}: {first[1]})"
@@ -71,7 +79,10 @@ def dependency_graph(model: nn.Module, example_input: Any):
 def channel_groups(
     model: nn.Module, example_input: Any, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> ChannelGroups:
-    """Sort ``model``'s affine BatchNorm layers into those whose channels can be removed on their own and the others.
+    """Sort ``model``'s affine BatchNorm layers into groups whose channels can be removed and the others.
+
+    ``include``/``exclude`` match layer names: a group is in when ``include`` matches one of its layers (or is
+    empty) and ``exclude`` none.
 
     Example:
         >>> import torch
@@ -83,43 +94,62 @@ def channel_groups(
     """
     tp = torch_pruning()
     graph = dependency_graph(model, example_input)
-    found = ChannelGroups()
+    names = {module: name for name, module in model.named_modules()}
+    found, seen = ChannelGroups(), set()
     for name, module in model.named_modules():
-        if not isinstance(module, _BatchNorm) or not module.affine:
+        if not isinstance(module, _BatchNorm) or not module.affine or name in seen:
             continue
-        if include and not any(_matches(p, (name, name)) for p in include):
+        channels = list(range(module.num_features))
+        group = graph.get_pruning_group(module, tp.prune_batchnorm_out_channels, idxs=channels)
+        members = [name] + [names[m] for m in _norms(group) if m is not module and m in names]
+        seen.update(members)
+        if include and not any(_matches(p, (m, m)) for p in include for m in members):
             continue
-        if any(_matches(p, (name, name)) for p in exclude or ()):
+        excluded = [m for m in members if any(_matches(p, (m, m)) for p in exclude or ())]
+        if excluded:
+            if len(members) > 1 and excluded != members:
+                for m in members:
+                    found.kept_whole[m] = f"joined to {excluded[0]}, which exclude names"
             continue
-        why = _why_kept_whole(graph.get_pruning_group(module, tp.prune_batchnorm_out_channels, idxs=[0]), module)
+        why = _why_kept_whole(group, channels)
         if why:
-            found.kept_whole[name] = why
-        else:
-            found.removable[name] = module.num_features
+            found.kept_whole.update(dict.fromkeys(members, why))
+            continue
+        found.removable[name] = module.num_features
+        if len(members) > 1:
+            found.joined[name] = members[1:]
     return found
 
 
-def _why_kept_whole(group, norm: nn.Module) -> str:
-    """Why a channel of ``norm`` cannot go on its own ("" when it can)."""
+def _norms(group) -> list[nn.Module]:
+    return [dep.target.module for dep, _ in group
+            if isinstance(dep.target.module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm))]
+
+
+def _why_kept_whole(group, channels: list[int]) -> str:
+    """Why the channels of a group cannot go ("" when they can)."""
     norms, producers, readers = [], [], 0
-    for dep, _ in group:
+    for dep, idxs in group:
         module, handler = dep.target.module, dep.handler
         if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            if not isinstance(module, _BatchNorm) or not module.affine:
+                return f"joined to the channels of a {type(module).__name__} (only BatchNorm scales can be masked)"
+            if module.num_features != len(channels) or [int(getattr(i, "idx", i)) for i in idxs] != channels:
+                return "joined to other layers' channels by a concatenation"
             norms.append(module)
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             if _handler_is(handler, "out"):
-                if getattr(module, "groups", 1) > 1:
-                    return "a grouped or depthwise convolution carries its channels on"
+                groups = getattr(module, "groups", 1)
+                if groups > 1 and groups != module.out_channels:
+                    return "a grouped convolution carries its channels on"
                 producers.append(module)
             elif _handler_is(handler, "in"):
                 readers += 1
         elif isinstance(module, nn.Module) and not _is_passthrough(dep.target):
             return f"{type(module).__name__} reads its channels"
-    others = [m for m in norms if m is not norm]
-    if others:
-        return "joined to other layers' channels (a residual addition or a concatenation)"
-    if len(producers) != 1:
-        return "no single convolution or linear layer computes its channels"
+    if len(producers) != len(norms):
+        return ("no single convolution or linear layer computes its channels" if len(norms) == 1 else
+                "a layer with no BatchNorm after it writes into its channels (e.g. a squeeze-excitation scale)")
     if not readers:
         return "no convolution or linear layer reads its channels (the network's output)"
     return ""
@@ -139,13 +169,20 @@ def _is_passthrough(node) -> bool:
 
 
 def reparametrize_channels(
-    model: nn.Module, names: list[str], temperature: float = 0.5, grad_temperature: float = 0.1
+    model: nn.Module,
+    names: list[str],
+    temperature: float = 0.5,
+    grad_temperature: float = 0.1,
+    joined: dict[str, list[str]] | None = None,
 ) -> list[str]:
     """Mask the channels of the BatchNorm layers ``names`` (from :func:`channel_groups`): ``γ ← γ·h_T(γ)``, and
-    ``β ← β·h_T(γ)``. Returns the masked tensors' names (``"<layer>.weight"``)."""
+    ``β ← β·h_T(γ)``; the layers ``joined[name]`` multiply their outputs by the same gate. Returns the masked tensors'
+    names (``"<layer>.weight"``)."""
     attached = []
     for name in names:
         module = model.get_submodule(name)
+        for follower in (joined or {}).get(name, ()):
+            follow_gate(model.get_submodule(follower), module)
         if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) and "weight" in module.parametrizations:
             continue
         with torch.no_grad():

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.batchnorm_gate import gated_shift, is_channel_mask
+from lightning_prune.batchnorm_gate import follow_gate, followers, gated_follower, gated_shift, is_channel_mask
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import masked_parameters, register_mask
 
@@ -54,6 +54,9 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
     under ``checkpoint["lightning_prune"]["masks"]``. Tensors absent from the state_dict (a sharded one) are left."""
     state = checkpoint["state_dict"]
     masks = {}
+    joined: dict[int, list[str]] = {}  # id(leader) → the BatchNorm layers that follow its gate
+    for name, leader in followers(model).items():
+        joined.setdefault(id(leader), []).append(name)
     for p in masked_parameters(model):
         prefix = _latent_key(p.name)
         if prefix + "original" not in state:
@@ -70,6 +73,17 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
             if not hard:
                 entry["shift"] = state[shift]
             state[shift] = gated_shift(p.module).to(state[shift].dtype)
+        if id(p.module) in joined:  # its gate also multiplies these layers' γ and β
+            entry["joined"] = joined[id(p.module)]
+            raw = {}
+            for follower in entry["joined"]:
+                for key, value in gated_follower(model.get_submodule(follower)).items():
+                    key = f"{follower}.{key}"
+                    if key in state:
+                        raw[key] = state[key]
+                        state[key] = value.to(raw[key].dtype)
+            if not hard:
+                entry["joined_state"] = raw  # as trained, for a resume
         masks[p.name] = entry
     if masks:
         checkpoint.setdefault(CHECKPOINT_KEY, {})["masks"] = masks
@@ -108,12 +122,23 @@ def attach_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) ->
                 f"'{name}' has shape {tuple(tensor.shape)} in the model but {tuple(saved.shape)} in the checkpoint: "
                 "the checkpoint comes from another model."
             )
-        targets.append((name, module, param_name, tensor))
+        joined = []
+        for follower in entry.get("joined", ()):
+            try:
+                joined.append(model.get_submodule(follower))
+            except AttributeError:
+                raise ValueError(
+                    f"The checkpoint joins the channels of '{follower}' to '{name}' but {type(model).__name__} has no "
+                    "such layer: the checkpoint comes from another architecture."
+                ) from None
+        targets.append((name, module, param_name, tensor, joined))
     attached = []
-    for name, module, param_name, tensor in targets:
+    for name, module, param_name, tensor, joined in targets:
         if not _is_masked(module, param_name):
             register_mask(module, param_name, MagnitudeMask(tensor.shape, 1.0))
             attached.append(name)
+        for follower in joined:
+            follow_gate(follower, module)
     return attached
 
 
@@ -155,6 +180,8 @@ def _to_latent(
     state[latent + "original"] = entry.get("original", weight)
     if "shift" in entry:  # a channel mask before the cut: the BatchNorm shift as trained
         state[plain.rpartition(".")[0] + ".bias"] = entry["shift"]
+    for key, value in entry.get("joined_state", {}).items():  # the joined layers' γ and β as trained
+        state[prefix + key] = value
     for key in MASK_BUFFERS:
         default = torch.ones(weight.shape, dtype=torch.bool) if key == "kept" else defaults[key]
         state[latent + "0." + key] = entry.get(key, default)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.batchnorm_gate import fold_batchnorm_shift, is_channel_mask
+from lightning_prune.batchnorm_gate import fold_batchnorm_shift, fold_follow_gate, followers, is_channel_mask
 from lightning_prune.reparametrize import detach_recurrent_weights, masked_parameters
 
 COMPACT_FORMAT = "lightning_prune.compact/1"
@@ -52,6 +52,8 @@ def make_permanent(model: nn.Module, inplace: bool = True) -> nn.Module:
     if not inplace:
         detach_recurrent_weights(model)
         model = copy.deepcopy(model)
+    for name in followers(model):  # joined channels: the leader's gate into γ and β, while its mask gives the gate
+        fold_follow_gate(model.get_submodule(name))
     owned = set()
     for p in masked_parameters(model):
         if not inplace and id(p.module) not in owned:

@@ -13,31 +13,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from plain_modules import PlainClassifier, quiet_trainer
-from torch import nn
+from plain_modules import CrashAt, PlainClassifier, quiet_trainer
+from torch import Tensor, nn
 
 from lightning_prune import BudgetCallback, budget_count, finalize, masked_parameters, remove_channels, save_smaller
 from lightning_prune.backbones import VGG19, ResNet18
-from lightning_prune.channel_groups import channel_groups, reparametrize_channels
+from lightning_prune.batchnorm_gate import followers
+from lightning_prune.channel_groups import ChannelGroups, channel_groups, reparametrize_channels
 from lightning_prune.channel_removal import layer_shapes, macs_and_parameters
-from lightning_prune.checkpoint_format import to_plain_checkpoint
+from lightning_prune.checkpoint_format import reparametrized_state_dict, to_plain_checkpoint
 from lightning_prune.data import DigitsDataModule
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def _random_channel_masks(model: nn.Module, names: list[str], sparsity: float, seed: int = 0) -> None:
-    """Mask the channels of ``names`` and cut them at ``sparsity`` from random scales (an untrained network)."""
+def _random_channel_masks(model: nn.Module, x: Tensor, sparsity: float, seed: int = 0) -> ChannelGroups:
+    """Mask the channels ``channel_groups`` finds and cut them at ``sparsity`` from random scales (an untrained
+    network); every BatchNorm layer, joined or not, gets random statistics."""
+    groups = channel_groups(model, x)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in names:
-            bn = model.get_submodule(name)
-            bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
-            bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator))
-            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator) * 0.1)
-            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) + 0.5)
-    reparametrize_channels(model, names)
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
+                bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator))
+                bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator) * 0.1)
+                bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) + 0.5)
+    reparametrize_channels(model, list(groups.removable), joined=groups.joined)
     finalize(model, sparsity=sparsity)
+    return groups
 
 
 class BatchNormClassifier(PlainClassifier):
@@ -85,34 +89,99 @@ def test_soft_gate_multiplies_scale_and_shift_alike():
     torch.testing.assert_close(bn(x), expected)
 
 
-def test_which_channels_can_go_on_their_own_in_vgg_and_resnet():
+class ResidualClassifier(PlainClassifier):
+    """A user's classifier with a residual block (the torchvision ResNet pattern), knowing nothing of pruning."""
+
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__(lr)
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                                   nn.Conv2d(24, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * 4, 10))
+        del self.net
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.block(x)))
+
+
+class _Concatenation(nn.Module):
+    """Two branches concatenated, then one BatchNorm over both (the DenseNet pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.norm = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 2, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_which_channels_go_alone_and_which_go_together():
     x = torch.randn(2, 3, 32, 32)
     vgg = channel_groups(VGG19(width_multiplier=0.25), x)
-    assert len(vgg.removable) == 16 and not vgg.kept_whole
+    assert len(vgg.removable) == 16 and not vgg.kept_whole and not vgg.joined
     resnet = channel_groups(ResNet18(width=8), x)
-    assert sorted(resnet.removable) == sorted(f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2))
-    assert "residual" in resnet.kept_whole["layer1.0.bn2"] and "residual" in resnet.kept_whole["bn1"]
+    streams = {"bn1": ["layer1.0.bn2", "layer1.1.bn2"]} | {
+        f"layer{i}.0.bn2": [f"layer{i}.0.shortcut.1", f"layer{i}.1.bn2"] for i in (2, 3, 4)}
+    assert resnet.joined == streams and not resnet.kept_whole
+    assert sorted(resnet.removable) == sorted([f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2)] + list(streams))
+    assert sum(resnet.removable.values()) == 2 * (8 + 16 + 32 + 64) + (8 + 16 + 32 + 64)  # a stream counts once
+    assert "20 BatchNorm layers, 360 channels (4 groups of joined layers counted once)" in resnet.summary()
+    concatenated = channel_groups(_Concatenation(), x)
+    assert set(concatenated.kept_whole) == {"a.1", "b.1", "norm"} and not concatenated.removable
+    assert "concatenation" in concatenated.kept_whole["b.1"]
+    excluded = channel_groups(ResNet18(width=8), x, exclude=["layer1.1.bn2"])
+    assert "bn1" not in excluded.removable and "exclude" in excluded.kept_whole["layer1.0.bn2"]
     last = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     assert not last.removable and "output" in last.kept_whole["1"]
 
 
-@pytest.mark.parametrize("backbone", ["vgg19", "resnet18"])
+def test_a_squeeze_excitation_scale_keeps_its_channels_whole():
+    torchvision = pytest.importorskip("torchvision")
+    groups = channel_groups(torchvision.models.mobilenet_v3_small(num_classes=10), torch.randn(2, 3, 64, 64))
+    assert groups.removable and groups.joined  # the blocks' expansions, and residual streams
+    assert any("squeeze-excitation" in why for why in groups.kept_whole.values())
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet18", "mobilenet_v2"])
 def test_the_smaller_network_computes_what_the_masked_one_computes(backbone):
     torch.manual_seed(0)
-    model = VGG19(width_multiplier=0.25) if backbone == "vgg19" else ResNet18(width=8)
-    x = torch.randn(4, 3, 32, 32)
-    names = list(channel_groups(model, x).removable)
-    _random_channel_masks(model, names, sparsity=0.5)
+    if backbone == "mobilenet_v2":  # depthwise convolutions: the expansion's channels go through them
+        model, x = pytest.importorskip("torchvision").models.mobilenet_v2(num_classes=10), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = (VGG19(width_multiplier=0.25) if backbone == "vgg19" else ResNet18(width=8)), torch.randn(4, 3, 32, 32)
+    groups = _random_channel_masks(model, x, sparsity=0.5)
     kept = {p.name.rpartition(".")[0]: int(p.mask.kept.sum()) for p in masked_parameters(model)}
-    assert sum(kept.values()) == budget_count(sum(model.get_submodule(n).num_features for n in names), 0.5)
+    assert sum(kept.values()) == budget_count(sum(groups.removable.values()), 0.5)
     small = remove_channels(model, x, check=False)
     model.eval()
     torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
     shapes = layer_shapes(small)
     for name, count in kept.items():
         assert shapes[name] == [count]
+        for follower in groups.joined.get(name, ()):
+            assert shapes[follower] == [count], follower  # a residual stream loses its channels in every layer
     assert macs_and_parameters(small, x)[0] < 0.6 * macs_and_parameters(model, x)[0]
     assert not masked_parameters(small) and masked_parameters(model)  # the model itself keeps its masks
+    assert followers(model) and not followers(small) if groups.joined else True
+
+
+def test_a_removed_channel_of_a_residual_stream_is_zero_in_every_layer_that_adds_into_it():
+    torch.manual_seed(0)
+    model = ResNet18(width=8).eval()
+    _random_channel_masks(model, torch.randn(2, 3, 32, 32), sparsity=0.5)
+    removed = ~model.layer2[0].bn2.parametrizations.weight[0].kept
+    assert removed.any() and not removed.all()
+    outputs = {}
+    for name in ("layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outputs.update({name: out}))
+    model(torch.randn(2, 3, 32, 32))
+    for name, out in outputs.items():
+        assert torch.equal(out[:, removed], torch.zeros_like(out[:, removed])), name
+        assert (out[:, ~removed] != 0).any(), name
 
 
 def test_removing_soft_channels_is_refused():
@@ -162,21 +231,26 @@ def test_the_callback_cuts_a_users_module_to_the_channel_budget(channel_run):
     assert small.net[0].out_channels + small.net[4].out_channels + small.net[9].out_features == callback.report.kept
 
 
-def test_a_channel_checkpoint_loads_in_a_new_process_without_lightning_prune(channel_run, tmp_path):
-    path, model, _ = channel_run
-    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+def _outputs_in_a_new_process(module_class: str, path, x: Tensor, tmp_path) -> Tensor:
+    """``module_class.load_from_checkpoint(path)(x)`` in a new process that imports no lightning_prune code."""
     torch.save(x, tmp_path / "x.pt")
     code = (
-        "import sys, json, torch\n"
-        "from test_channels import BatchNormClassifier\n"
-        f"model = BatchNormClassifier.load_from_checkpoint({str(path)!r}).eval()\n"
+        "import json, torch\n"
+        f"from test_channels import {module_class}\n"
+        f"model = {module_class}.load_from_checkpoint({str(path)!r}).eval()\n"
         f"print(json.dumps(model(torch.load({str(tmp_path / 'x.pt')!r})).tolist()))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), model.eval()(x),
-                               rtol=0, atol=1e-5)
+    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_channel_checkpoint_loads_in_a_new_process_without_lightning_prune(channel_run, tmp_path):
+    path, model, _ = channel_run
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    got = _outputs_in_a_new_process("BatchNormClassifier", path, x, tmp_path)
+    torch.testing.assert_close(got, model.eval()(x), rtol=0, atol=1e-5)
 
 
 def test_the_saved_smaller_network_runs_without_its_classes(channel_run, tmp_path):
@@ -222,3 +296,85 @@ def _fit(model: pl.LightningModule, callback: BudgetCallback) -> None:
     quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(
         model, DigitsDataModule(image_size=16, batch_size=32)
     )
+
+
+def _residual_fit(root, ckpt_path=None, crash_at=None, seed=0):
+    torch.manual_seed(seed)  # a resumed run starts from other random weights: the checkpoint must overwrite them
+    model = ResidualClassifier()
+    callback = BudgetCallback(sparsity=0.5, structure="channels")
+    callbacks = [callback, ModelCheckpoint(dirpath=root, save_last=True)]
+    if crash_at is not None:
+        callbacks.append(CrashAt(crash_at))
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=5, limit_val_batches=2, enable_checkpointing=True,
+                            deterministic=True, callbacks=callbacks)
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=ckpt_path)
+    return model, callback
+
+
+@pytest.fixture(scope="module")
+def residual_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("residual")
+    model, callback = _residual_fit(root / "full")
+    return root, model, callback
+
+
+def test_the_callback_removes_a_residual_streams_channels_from_every_layer(residual_run):
+    _, model, callback = residual_run
+    assert sorted(p.name for p in masked_parameters(model)) == ["block.1.weight", "stem.1.weight"]
+    assert followers(model) == {"block.4": model.stem[1]}
+    assert callback.report.kept == budget_count(16 + 24, 0.5)
+    assert "3 BatchNorm layers, 40 channels (1 group of joined layers counted once)" in callback.report.coverage
+    small = remove_channels(model, torch.randn(4, 1, 16, 16))  # checks the outputs
+    stream = int(model.stem[1].parametrizations.weight[0].kept.sum())
+    assert small.stem[0].out_channels == small.block[3].out_channels == small.block[4].num_features == stream
+    assert small.block[0].in_channels == stream and small.head[2].in_features == 4 * stream
+
+
+def test_a_residual_checkpoint_loads_plain_in_a_new_process_and_with_its_gates_in_validate(residual_run, tmp_path):
+    root, model, _ = residual_run
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    path = root / "full" / "last.ckpt"
+    expected = model.eval()(x)
+    torch.testing.assert_close(_outputs_in_a_new_process("ResidualClassifier", path, x, tmp_path), expected,
+                               rtol=0, atol=1e-5)
+    fresh = ResidualClassifier()
+    quiet_trainer(callbacks=[BudgetCallback(sparsity=0.5, structure="channels")]).validate(
+        fresh, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=path, verbose=False)
+    assert set(followers(fresh)) == {"block.4"} and followers(fresh)["block.4"] is fresh.stem[1]
+    torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-6)
+
+
+def test_a_residual_checkpoint_before_the_cut_loads_plain_and_resumes_as_trained():
+    torch.manual_seed(0)
+    model = ResidualClassifier().eval()
+    x = torch.randn(3, 1, 16, 16)
+    groups = channel_groups(model, x)
+    reparametrize_channels(model, list(groups.removable), joined=groups.joined)
+    with torch.no_grad():
+        for bn in (model.stem[1], model.block[4]):
+            bn.bias.normal_()
+        model.block[4].weight.uniform_(0.5, 1.5)
+        model.stem[1].parametrizations.weight.original.uniform_(0.2, 1.5)  # soft gates from 0.01 to 1
+    checkpoint = {"state_dict": model.state_dict()}
+    to_plain_checkpoint(checkpoint, model)
+    plain = ResidualClassifier().eval()
+    plain.load_state_dict(checkpoint["state_dict"], strict=True)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-6)
+    entry = checkpoint["lightning_prune"]["masks"]["stem.1.weight"]
+    assert entry["joined"] == ["block.4"]
+    torch.testing.assert_close(entry["joined_state"]["block.4.weight"], model.block[4].weight.detach())
+    resumed = ResidualClassifier().eval()
+    reparametrize_channels(resumed, list(groups.removable), joined=groups.joined)
+    resumed.load_state_dict(reparametrized_state_dict(checkpoint), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_resuming_a_residual_run_between_epochs_continues_exactly(residual_run):
+    root, full, full_cb = residual_run
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _residual_fit(root / "part", crash_at=7)  # 5 steps per epoch: last.ckpt is the end of epoch 1
+    resumed, resumed_cb = _residual_fit(root / "part", ckpt_path=str(root / "part" / "last.ckpt"), seed=1)
+    assert resumed_cb.state_dict() == full_cb.state_dict()
+    for key, value in full.state_dict().items():  # the followers' γ and β included
+        assert torch.equal(resumed.state_dict()[key], value), key
