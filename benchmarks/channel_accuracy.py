@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from result_files import write_json
 from torch import nn
 
-from lightning_prune import BudgetCallback, PrunedClassifier, remove_channels
+from lightning_prune import BudgetCallback, LoopSettings, PrunedClassifier, remove_channels
 from lightning_prune.backbones import VGG19, Conv4, ResNet18
 from lightning_prune.channel_groups import torch_pruning
 from lightning_prune.channel_removal import macs_and_parameters
@@ -116,7 +116,9 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
     start = time.perf_counter()
     x = None
     if method in ("dense", "channels"):
-        callbacks = [BudgetCallback(sparsity=s, structure="channels", target_end=a.target_end)] if method == "channels" else []
+        loop = LoopSettings(exempt_share=a.exempt_share)
+        callbacks = ([BudgetCallback(sparsity=s, structure="channels", target_end=a.target_end, loop=loop)]
+                     if method == "channels" else [])
         model, dm = fit(setup, seed, callbacks, a.epochs)
         x = next(iter(dm.test_dataloader()))[0][:1]
         network = remove_channels(model.backbone, x) if method == "channels" else model.backbone
@@ -194,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--target-end", type=float, default=TARGET_END,
                    help="share of training at which the channel budget is reached (BudgetCallback's target_end; "
                         "tp_oneshot prunes there)")
+    p.add_argument("--exempt-share", type=float, default=LoopSettings.exempt_share,
+                   help="share of the budget, the largest scales, that the budget step leaves alone (LoopSettings)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.limit_train_batches = 1.0

@@ -53,15 +53,17 @@ def config(name: str) -> str:
 
 def test_one_config_per_experiment():
     found = {p.stem for pattern in ("cifar10_*.yaml", "tinyimagenet_*.yaml") for p in (REPO / "configs").glob(pattern)}
-    assert found == set(EXPERIMENTS) | {"cifar10_conv4_cpu", "cifar10_vgg19_channels_cpu"}
+    assert found == set(EXPERIMENTS) | {"cifar10_conv4_cpu", "cifar10_vgg19_channels_cpu",
+                                        "cifar10_resnet18_channels_cpu"}
 
 
-@pytest.mark.parametrize("name", ["quickstart_channels", "cifar10_vgg19_channels_cpu"])
-def test_channel_configs_ask_for_the_channel_budget(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, sparsity", [("quickstart_channels", 0.5), ("cifar10_vgg19_channels_cpu", 0.5),
+                                            ("cifar10_resnet18_channels_cpu", 0.3)])
+def test_channel_configs_ask_for_the_channel_budget(name, sparsity, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = PruneCLI(args=["--config", config(name)], run=False)
     [budget] = [cb for cb in cli.trainer.callbacks if isinstance(cb, BudgetCallback)]
-    assert budget.structure == "channels" and budget.sparsity == 0.5
+    assert budget.structure == "channels" and budget.sparsity == sparsity
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in cli.model.backbone.modules())
 
 
