@@ -5,8 +5,9 @@ A channel ``c`` can go when every layer that computes it (a convolution or linea
 layer) and every layer that reads it (through activations, pooling, flattening, additions) can drop it. Most channels
 live in one BatchNorm layer; those of a residual stream live in several (each block's last BatchNorm and the
 shortcut's), which go together: the first of them (the leader) holds the mask, the others follow its gate
-(:class:`~lightning_prune.batchnorm_gate.FollowGate`) and the budget counts the group's channels once. Channels
-that a LayerNorm, a concatenation, a grouped convolution or an operation other than an addition carries on stay.
+(:class:`~lightning_prune.batchnorm_gate.FollowGate`) and the budget counts the group's channels once. A
+squeeze-excitation block's scale goes with the channel it multiplies. Channels that a LayerNorm, a concatenation
+into a BatchNorm, a grouped convolution, or a layer adding into them with no BatchNorm after it carries on stay.
 `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_'s ``DependencyGraph`` traces the network once (an example
 input through autograd) and lists, for a channel, every layer that holds it; it also performs the removal
 (:mod:`~lightning_prune.channel_removal`). It handles torchvision, timm and user models alike, where rules written
@@ -72,6 +73,11 @@ def dependency_graph(model: nn.Module, example_input: Any):
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as err:  # Torch-Pruning's own failures (a reshape it cannot follow, a channel shuffle)
+        raise ValueError(
+            f"Torch-Pruning could not trace {type(model).__name__} to find which channels go together "
+            f"({type(err).__name__}: {err}). Use structure='weights' for this network."
+        ) from err
     finally:
         model.train(training)
 
@@ -128,10 +134,14 @@ def _norms(group) -> list[nn.Module]:
 
 def _why_kept_whole(group, channels: list[int]) -> str:
     """Why the channels of a group cannot go ("" when they can)."""
-    norms, producers, readers = [], [], 0
+    norms, producers, readers, gates, operations = [], [], 0, set(), set()
     for dep, idxs in group:
         module, handler = dep.target.module, dep.handler
-        if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        operation = _operation(dep.target)
+        operations.add(operation)
+        if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) or operation in SCALE_GATES:
+            gates.add(id(dep.target))
+        elif isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             if not isinstance(module, _BatchNorm) or not module.affine:
                 return f"joined to the channels of a {type(module).__name__} (only BatchNorm scales can be masked)"
             if module.num_features != len(channels) or [int(getattr(i, "idx", i)) for i in idxs] != channels:
@@ -144,15 +154,31 @@ def _why_kept_whole(group, channels: list[int]) -> str:
                     return "a grouped convolution carries its channels on"
                 producers.append(module)
             elif _handler_is(handler, "in"):
+                groups = getattr(module, "groups", 1)
+                if groups > 1 and groups != module.in_channels:
+                    return "a grouped convolution reads its channels"
                 readers += 1
         elif isinstance(module, nn.Module) and not _is_passthrough(dep.target):
             return f"{type(module).__name__} reads its channels"
-    if len(producers) != len(norms):
-        return ("no single convolution or linear layer computes its channels" if len(norms) == 1 else
-                "a layer with no BatchNorm after it writes into its channels (e.g. a squeeze-excitation scale)")
+    # a squeeze-excitation block's last layer computes a scale σ(·) per channel, which multiplies the channel: it
+    # goes with the channel (the product of a removed channel is 0), and needs no BatchNorm
+    scales = len(gates) if "MulBackward0" in operations else 0
+    if not len(norms) <= len(producers) <= len(norms) + scales:
+        return ("a layer with no BatchNorm after it adds into its channels" if len(producers) > len(norms) else
+                "no convolution or linear layer computes its channels")
     if not readers:
         return "no convolution or linear layer reads its channels (the network's output)"
     return ""
+
+
+#: Autograd operations of a squeeze-excitation gate (a scale in (0, 1) per channel).
+SCALE_GATES = ("SigmoidBackward0", "HardsigmoidBackward0")
+
+
+def _operation(node) -> str:
+    """The autograd operation of a graph node (``"MulBackward0"``), "" when it has none."""
+    grad_fn = getattr(node, "grad_fn", None)
+    return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
 
 
 def _handler_is(handler, side: str) -> bool:

@@ -139,18 +139,41 @@ def test_which_channels_go_alone_and_which_go_together():
     assert not last.removable and "output" in last.kept_whole["1"]
 
 
-def test_a_squeeze_excitation_scale_keeps_its_channels_whole():
+class _UnnormalisedResidual(nn.Module):
+    """A residual addition of a convolution with no BatchNorm after it: its channels cannot be gated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.out(x + self.branch(x))
+
+
+def test_which_channels_go_in_torchvision_networks():
     torchvision = pytest.importorskip("torchvision")
-    groups = channel_groups(torchvision.models.mobilenet_v3_small(num_classes=10), torch.randn(2, 3, 64, 64))
-    assert groups.removable and groups.joined  # the blocks' expansions, and residual streams
-    assert any("squeeze-excitation" in why for why in groups.kept_whole.values())
+    x = torch.randn(2, 3, 32, 32)
+    squeeze_excitation = channel_groups(torchvision.models.mobilenet_v3_small(num_classes=10), x)
+    assert len(squeeze_excitation.removable) + sum(map(len, squeeze_excitation.joined.values())) == 34
+    assert not squeeze_excitation.kept_whole  # the scales go with the channels they multiply
+    grouped = channel_groups(torchvision.models.regnet_y_400mf(num_classes=10), x)
+    assert grouped.removable and all("grouped convolution" in why for why in grouped.kept_whole.values())
+    assert "trunk_output.block1.block1-0.f.a.1" in grouped.kept_whole  # read by a grouped 3x3 convolution
+    unnormalised = channel_groups(_UnnormalisedResidual(), x)
+    assert not unnormalised.removable and "no BatchNorm after it" in unnormalised.kept_whole["stem.1"]
+    with pytest.raises(ValueError, match="Torch-Pruning could not trace ShuffleNetV2.*structure='weights'"):
+        channel_groups(torchvision.models.shufflenet_v2_x0_5(num_classes=10), x)
 
 
-@pytest.mark.parametrize("backbone", ["vgg19", "resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet18", "mobilenet_v2", "mobilenet_v3_small"])
 def test_the_smaller_network_computes_what_the_masked_one_computes(backbone):
     torch.manual_seed(0)
-    if backbone == "mobilenet_v2":  # depthwise convolutions: the expansion's channels go through them
-        model, x = pytest.importorskip("torchvision").models.mobilenet_v2(num_classes=10), torch.randn(2, 3, 32, 32)
+    if backbone.startswith("mobilenet"):  # depthwise convolutions; v3: squeeze-excitation scales
+        model = getattr(pytest.importorskip("torchvision").models, backbone)(num_classes=10)
+        x = torch.randn(2, 3, 32, 32)
     else:
         model, x = (VGG19(width_multiplier=0.25) if backbone == "vgg19" else ResNet18(width=8)), torch.randn(4, 3, 32, 32)
     groups = _random_channel_masks(model, x, sparsity=0.5)
