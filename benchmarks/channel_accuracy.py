@@ -117,7 +117,8 @@ def run(setup: Setup, method: str, s: float, seed: int, reference: tuple[int, in
     x = None
     if method in ("dense", "channels"):
         loop = LoopSettings(exempt_share=a.exempt_share)
-        callbacks = ([BudgetCallback(sparsity=s, structure="channels", target_end=a.target_end, loop=loop)]
+        callbacks = ([BudgetCallback(sparsity=s, structure="channels", target_end=a.target_end, loop=loop,
+                                     exclude=a.exclude, residual_streams=a.residual_streams)]
                      if method == "channels" else [])
         model, dm = fit(setup, seed, callbacks, a.epochs)
         x = next(iter(dm.test_dataloader()))[0][:1]
@@ -198,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "tp_oneshot prunes there)")
     p.add_argument("--exempt-share", type=float, default=LoopSettings.exempt_share,
                    help="share of the budget, the largest scales, that the budget step leaves alone (LoopSettings)")
+    p.add_argument("--exclude", nargs="*", default=None,
+                   help="BatchNorm layers whose channels (and those joined to them) stay whole (BudgetCallback's exclude)")
+    p.add_argument("--residual-streams", action="store_true",
+                   help="also remove channels of residual streams (BudgetCallback's residual_streams)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.limit_train_batches = 1.0

@@ -46,11 +46,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def smaller(dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int = 0) -> nn.Module:
+def smaller(
+    dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int = 0, residual_streams: bool = False
+) -> nn.Module:
     """The dense network with ``sparsity`` of its removable channels taken out, chosen from random scales."""
     model = copy.deepcopy(dense)
     x = torch.randn(2, *shape)
-    groups = channel_groups(model, x)
+    groups = channel_groups(model, x, residual_streams=residual_streams)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in groups.removable:
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=9, help="rounds of alternated timing per configuration")
     parser.add_argument("--block", type=float, default=0.05, help="seconds of calls per timed block")
     parser.add_argument("--max-seconds", type=float, default=12.0, help="time cap per (model, sparsity, batch)")
+    parser.add_argument("--residual-streams", action="store_true",
+                        help="also remove channels of residual streams (BudgetCallback's residual_streams)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         one = torch.randn(1, *shape)
         dense_macs, dense_params = macs_and_parameters(dense, one)
         for sparsity in args.sparsities:
-            models = {"dense": dense, "structured": smaller(dense, shape, sparsity)}
+            models = {"dense": dense, "structured": smaller(dense, shape, sparsity, residual_streams=args.residual_streams)}
             sizes = {kind: macs_and_parameters(model, one) for kind, model in models.items()}
             for batch in args.batches:
                 torch.manual_seed(1)
@@ -109,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     macs, params = sizes[kind]
                     rows.append({
                         "model": name, "kind": kind, "channel_sparsity": sparsity, "batch": batch,
+                        "residual_streams": args.residual_streams,
                         "latency_ms": round(seconds[kind] * 1e3, 4),
                         "speedup": round(seconds["dense"] / seconds[kind], 3),
                         "macs": macs, "params": params,

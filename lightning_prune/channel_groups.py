@@ -55,7 +55,7 @@ class ChannelGroups:
     def summary(self) -> str:
         channels = sum(self.removable.values())
         layers = len(self.removable) + sum(len(v) for v in self.joined.values())
-        text = f"the channel budget covers {layers} BatchNorm layers, {channels:,} channels"
+        text = f"the channel budget covers {layers} BatchNorm layer{'s' if layers != 1 else ''}, {channels:,} channels"
         if self.joined:
             groups = f"{len(self.joined)} group{'s' if len(self.joined) > 1 else ''}"
             text += f" ({groups} of joined layers counted once)"
@@ -83,12 +83,17 @@ def dependency_graph(model: nn.Module, example_input: Any):
 
 
 def channel_groups(
-    model: nn.Module, example_input: Any, include: list[str] | None = None, exclude: list[str] | None = None
+    model: nn.Module,
+    example_input: Any,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    residual_streams: bool = False,
 ) -> ChannelGroups:
     """Sort ``model``'s affine BatchNorm layers into groups whose channels can be removed and the others.
 
     ``include``/``exclude`` match layer names: a group is in when ``include`` matches one of its layers (or is
-    empty) and ``exclude`` none.
+    empty) and ``exclude`` none. The channels of a residual stream (joined by an addition) are in only with
+    ``residual_streams``.
 
     Example:
         >>> import torch
@@ -117,7 +122,7 @@ def channel_groups(
                 for m in members:
                     found.kept_whole[m] = f"joined to {excluded[0]}, which exclude names"
             continue
-        why = _why_kept_whole(group, channels)
+        why = _why_kept_whole(group, channels, residual_streams)
         if why:
             found.kept_whole.update(dict.fromkeys(members, why))
             continue
@@ -132,7 +137,7 @@ def _norms(group) -> list[nn.Module]:
             if isinstance(dep.target.module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm))]
 
 
-def _why_kept_whole(group, channels: list[int]) -> str:
+def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
     """Why the channels of a group cannot go ("" when they can)."""
     norms, producers, readers, gates, operations = [], [], 0, set(), set()
     for dep, idxs in group:
@@ -168,6 +173,8 @@ def _why_kept_whole(group, channels: list[int]) -> str:
                 "no convolution or linear layer computes its channels")
     if not readers:
         return "no convolution or linear layer reads its channels (the network's output)"
+    if "AddBackward0" in operations and not residual_streams:
+        return "a residual stream (residual_streams=True removes its channels from every layer that adds into it)"
     return ""
 
 

@@ -30,7 +30,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def _random_channel_masks(model: nn.Module, x: Tensor, sparsity: float, seed: int = 0) -> ChannelGroups:
     """Mask the channels ``channel_groups`` finds and cut them at ``sparsity`` from random scales (an untrained
     network); every BatchNorm layer, joined or not, gets random statistics."""
-    groups = channel_groups(model, x)
+    groups = channel_groups(model, x, residual_streams=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for bn in model.modules():
@@ -123,7 +123,11 @@ def test_which_channels_go_alone_and_which_go_together():
     x = torch.randn(2, 3, 32, 32)
     vgg = channel_groups(VGG19(width_multiplier=0.25), x)
     assert len(vgg.removable) == 16 and not vgg.kept_whole and not vgg.joined
-    resnet = channel_groups(ResNet18(width=8), x)
+    blocks = channel_groups(ResNet18(width=8), x)  # by default the residual streams stay whole
+    assert sorted(blocks.removable) == sorted(f"layer{i}.{j}.bn1" for i in range(1, 5) for j in range(2))
+    assert not blocks.joined and "residual stream" in blocks.kept_whole["bn1"]
+    assert blocks.kept_whole["layer4.1.bn2"] == blocks.kept_whole["bn1"]
+    resnet = channel_groups(ResNet18(width=8), x, residual_streams=True)
     streams = {"bn1": ["layer1.0.bn2", "layer1.1.bn2"]} | {
         f"layer{i}.0.bn2": [f"layer{i}.0.shortcut.1", f"layer{i}.1.bn2"] for i in (2, 3, 4)}
     assert resnet.joined == streams and not resnet.kept_whole
@@ -133,7 +137,7 @@ def test_which_channels_go_alone_and_which_go_together():
     concatenated = channel_groups(_Concatenation(), x)
     assert set(concatenated.kept_whole) == {"a.1", "b.1", "norm"} and not concatenated.removable
     assert "concatenation" in concatenated.kept_whole["b.1"]
-    excluded = channel_groups(ResNet18(width=8), x, exclude=["layer1.1.bn2"])
+    excluded = channel_groups(ResNet18(width=8), x, exclude=["layer1.1.bn2"], residual_streams=True)
     assert "bn1" not in excluded.removable and "exclude" in excluded.kept_whole["layer1.0.bn2"]
     last = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     assert not last.removable and "output" in last.kept_whole["1"]
@@ -156,10 +160,10 @@ class _UnnormalisedResidual(nn.Module):
 def test_which_channels_go_in_torchvision_networks():
     torchvision = pytest.importorskip("torchvision")
     x = torch.randn(2, 3, 32, 32)
-    squeeze_excitation = channel_groups(torchvision.models.mobilenet_v3_small(num_classes=10), x)
+    squeeze_excitation = channel_groups(torchvision.models.mobilenet_v3_small(num_classes=10), x, residual_streams=True)
     assert len(squeeze_excitation.removable) + sum(map(len, squeeze_excitation.joined.values())) == 34
     assert not squeeze_excitation.kept_whole  # the scales go with the channels they multiply
-    grouped = channel_groups(torchvision.models.regnet_y_400mf(num_classes=10), x)
+    grouped = channel_groups(torchvision.models.regnet_y_400mf(num_classes=10), x, residual_streams=True)
     assert grouped.removable and all("grouped convolution" in why for why in grouped.kept_whole.values())
     assert "trunk_output.block1.block1-0.f.a.1" in grouped.kept_whole  # read by a grouped 3x3 convolution
     unnormalised = channel_groups(_UnnormalisedResidual(), x)
@@ -324,7 +328,7 @@ def _fit(model: pl.LightningModule, callback: BudgetCallback) -> None:
 def _residual_fit(root, ckpt_path=None, crash_at=None, seed=0):
     torch.manual_seed(seed)  # a resumed run starts from other random weights: the checkpoint must overwrite them
     model = ResidualClassifier()
-    callback = BudgetCallback(sparsity=0.5, structure="channels")
+    callback = BudgetCallback(sparsity=0.5, structure="channels", residual_streams=True)
     callbacks = [callback, ModelCheckpoint(dirpath=root, save_last=True)]
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
@@ -361,7 +365,7 @@ def test_a_residual_checkpoint_loads_plain_in_a_new_process_and_with_its_gates_i
     torch.testing.assert_close(_outputs_in_a_new_process("ResidualClassifier", path, x, tmp_path), expected,
                                rtol=0, atol=1e-5)
     fresh = ResidualClassifier()
-    quiet_trainer(callbacks=[BudgetCallback(sparsity=0.5, structure="channels")]).validate(
+    quiet_trainer(callbacks=[BudgetCallback(sparsity=0.5, structure="channels", residual_streams=True)]).validate(
         fresh, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=path, verbose=False)
     assert set(followers(fresh)) == {"block.4"} and followers(fresh)["block.4"] is fresh.stem[1]
     torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-6)
@@ -371,7 +375,7 @@ def test_a_residual_checkpoint_before_the_cut_loads_plain_and_resumes_as_trained
     torch.manual_seed(0)
     model = ResidualClassifier().eval()
     x = torch.randn(3, 1, 16, 16)
-    groups = channel_groups(model, x)
+    groups = channel_groups(model, x, residual_streams=True)
     reparametrize_channels(model, list(groups.removable), joined=groups.joined)
     with torch.no_grad():
         for bn in (model.stem[1], model.block[4]):
@@ -401,3 +405,15 @@ def test_resuming_a_residual_run_between_epochs_continues_exactly(residual_run):
     assert resumed_cb.state_dict() == full_cb.state_dict()
     for key, value in full.state_dict().items():  # the followers' γ and β included
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_residual_streams_are_opt_in_and_need_the_channel_budget():
+    with pytest.raises(ValueError, match="residual_streams=True .* needs structure='channels'"):
+        BudgetCallback(residual_streams=True)
+    with pytest.raises(ValueError, match="residual_streams takes True or False"):
+        BudgetCallback(structure="channels", residual_streams="yes")
+    model = ResidualClassifier()
+    callback = BudgetCallback(sparsity=0.5, structure="channels")
+    _fit(model, callback)
+    assert [p.name for p in masked_parameters(model)] == ["block.1.weight"] and not followers(model)
+    assert "2 layers keep all their channels (e.g. stem.1: a residual stream" in callback.report.coverage
