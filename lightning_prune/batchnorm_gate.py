@@ -7,9 +7,9 @@ keeps its own). With the gate at 0 the channel outputs exactly 0, and after any 
 GELU, SiLU, hard-swish) the next layer reads nothing from it: :mod:`~lightning_prune.channel_removal` removes it
 without changing the network's outputs.
 
-Channels joined by a residual addition live in several BatchNorm layers (each block's last one and the shortcut's):
-one of them, the leader, holds the mask, and each other layer of the group (a follower) multiplies its output by the
-leader's gate (:class:`FollowGate`), so a removed channel is 0 in every layer that adds into it.
+Channels joined by a residual addition or a depthwise convolution live in several BatchNorm layers: one of them, the
+leader, holds the mask, and each other layer of the group (a follower) multiplies its output by the leader's gate
+(:class:`FollowGate`), so a removed channel is 0 in every layer that holds it.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def fold_batchnorm_shift(module: _BatchNorm) -> None:
 
 
 class FollowGate:
-    """Forward hook of a BatchNorm layer whose channels are joined to ``leader``'s (a residual addition): the layer's
-    output is multiplied by the leader's gate, without its gradient, so a channel the leader removes is 0 here too.
+    """Forward hook of a BatchNorm layer whose channels are joined to ``leader``'s (a residual addition, a depthwise
+    convolution): the layer's output is multiplied by the leader's gate, without its gradient, so a channel the leader
+    removes is 0 here too.
 
     Args:
         leader: the BatchNorm layer whose scale ``γ`` holds the channel mask of the group.

@@ -1,10 +1,11 @@
-"""Which channels can be removed: a BatchNorm layer's channels, alone or with the layers a residual addition joins
-them to, found with Torch-Pruning's dependency graph, and masking them (``structure="channels"``).
+"""Which channels can be removed: a BatchNorm layer's channels, alone or with the layers joined to them, found
+with Torch-Pruning's dependency graph, and masking them (``structure="channels"``).
 
 A channel ``c`` can go when every layer that computes it (a convolution or linear layer followed by a BatchNorm
 layer) and every layer that reads it (through activations, pooling, flattening, additions) can drop it. Most channels
-live in one BatchNorm layer; those of a residual stream live in several (each block's last BatchNorm and the
-shortcut's), which go together: the first of them (the leader) holds the mask, the others follow its gate
+live in one BatchNorm layer; some live in several, which go together: an expansion's and the depthwise convolution's
+after it (MobileNet), or, with ``residual_streams=True``, a residual stream's (each block's last BatchNorm and the
+shortcut's). The first of them (the leader) holds the mask, the others follow its gate
 (:class:`~lightning_prune.batchnorm_gate.FollowGate`) and the budget counts the group's channels once. A
 squeeze-excitation block's scale goes with the channel it multiplies. Channels that a LayerNorm, a concatenation
 into a BatchNorm, a grouped convolution, or a layer adding into them with no BatchNorm after it carries on stay.
@@ -167,7 +168,9 @@ def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
             return f"{type(module).__name__} reads its channels"
     # a squeeze-excitation block's last layer computes a scale σ(·) per channel, which multiplies the channel: it
     # goes with the channel (the product of a removed channel is 0), and needs no BatchNorm
-    scales = len(gates) if "MulBackward0" in operations else 0
+    if gates and "MulBackward0" not in operations:
+        return "a sigmoid reads its channels (σ(0) != 0: a removed channel would not be 0)"
+    scales = len(gates)
     if not len(norms) <= len(producers) <= len(norms) + scales:
         return ("a layer with no BatchNorm after it adds into its channels" if len(producers) > len(norms) else
                 "no convolution or linear layer computes its channels")

@@ -139,6 +139,8 @@ def test_which_channels_go_alone_and_which_go_together():
     assert "concatenation" in concatenated.kept_whole["b.1"]
     excluded = channel_groups(ResNet18(width=8), x, exclude=["layer1.1.bn2"], residual_streams=True)
     assert "bn1" not in excluded.removable and "exclude" in excluded.kept_whole["layer1.0.bn2"]
+    sigmoid = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Conv2d(4, 2, 3)), x)
+    assert not sigmoid.removable and "sigmoid" in sigmoid.kept_whole["1"]  # σ(0) = 0.5: a gated channel is not 0
     last = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     assert not last.removable and "output" in last.kept_whole["1"]
 
