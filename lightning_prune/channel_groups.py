@@ -119,8 +119,8 @@ def channel_groups(
             continue
         excluded = [m for m in members if any(_matches(p, (m, m)) for p in exclude or ())]
         if excluded:
-            if len(members) > 1 and excluded != members:
-                for m in members:
+            for m in members:
+                if m not in excluded:
                     found.kept_whole[m] = f"joined to {excluded[0]}, which exclude names"
             continue
         why = _why_kept_whole(group, channels, residual_streams)
@@ -146,7 +146,11 @@ def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
         operation = _operation(dep.target)
         operations.add(operation)
         if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) or operation in SCALE_GATES:
-            gates.add(id(dep.target))
+            role = _sigmoid_role(dep.target)
+            if not role:
+                return "a sigmoid reads its channels (σ(0) != 0: a removed channel would not be 0)"
+            if role == "scale":
+                gates.add(id(dep.target))
         elif isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             if not isinstance(module, _BatchNorm) or not module.affine:
                 return f"joined to the channels of a {type(module).__name__} (only BatchNorm scales can be masked)"
@@ -168,8 +172,6 @@ def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
             return f"{type(module).__name__} reads its channels"
     # a squeeze-excitation block's last layer computes a scale σ(·) per channel, which multiplies the channel: it
     # goes with the channel (the product of a removed channel is 0), and needs no BatchNorm
-    if gates and "MulBackward0" not in operations:
-        return "a sigmoid reads its channels (σ(0) != 0: a removed channel would not be 0)"
     scales = len(gates)
     if not len(norms) <= len(producers) <= len(norms) + scales:
         return ("a layer with no BatchNorm after it adds into its channels" if len(producers) > len(norms) else
@@ -183,6 +185,19 @@ def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
 
 #: Autograd operations of a squeeze-excitation gate (a scale in (0, 1) per channel).
 SCALE_GATES = ("SigmoidBackward0", "HardsigmoidBackward0")
+
+
+def _sigmoid_role(node) -> str:
+    """``"scale"``: a squeeze-excitation gate (a convolution or linear layer's output through σ, multiplying the
+    channels); ``"swish"``: ``y·σ(y)`` (0 for a removed channel); "" otherwise (``σ(0) != 0`` reaches the next layer)."""
+    products = [out for out in node.outputs if _operation(out) == "MulBackward0"]
+    if not products:
+        return ""
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    if any(isinstance(source.module, layers) for source in node.inputs):
+        return "scale"
+    sources = {id(source) for source in node.inputs}
+    return "swish" if any(id(i) in sources for product in products for i in product.inputs) else ""
 
 
 def _operation(node) -> str:

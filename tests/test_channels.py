@@ -119,6 +119,20 @@ class _Concatenation(nn.Module):
         return self.out(torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1))))
 
 
+class _Sigmoid(nn.Module):
+    """A BatchNorm layer followed by a function of σ, and optionally a convolution with no BatchNorm adding into it."""
+
+    def __init__(self, function, side: bool = False) -> None:
+        super().__init__()
+        self.conv, self.bn, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3)
+        self.side = nn.Conv2d(3, 4, 3, padding=1) if side else None
+        self.function = function
+
+    def forward(self, x):
+        y = self.function(self.bn(self.conv(x)))
+        return self.out(y + self.side(x) if self.side is not None else y)
+
+
 def test_which_channels_go_alone_and_which_go_together():
     x = torch.randn(2, 3, 32, 32)
     vgg = channel_groups(VGG19(width_multiplier=0.25), x)
@@ -141,6 +155,11 @@ def test_which_channels_go_alone_and_which_go_together():
     assert "bn1" not in excluded.removable and "exclude" in excluded.kept_whole["layer1.0.bn2"]
     sigmoid = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Conv2d(4, 2, 3)), x)
     assert not sigmoid.removable and "sigmoid" in sigmoid.kept_whole["1"]  # σ(0) = 0.5: a gated channel is not 0
+    doubled = channel_groups(_Sigmoid(lambda y: torch.sigmoid(y) * 2), x)  # a product, but not with the channel
+    assert not doubled.removable and "sigmoid" in doubled.kept_whole["bn"]
+    assert list(channel_groups(_Sigmoid(lambda y: y * torch.sigmoid(y)), x).removable) == ["bn"]  # swish: 0·σ(0) = 0
+    swish_and_side = channel_groups(_Sigmoid(lambda y: y * torch.sigmoid(y), side=True), x, residual_streams=True)
+    assert not swish_and_side.removable and "no BatchNorm after it" in swish_and_side.kept_whole["bn"]
     last = channel_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
     assert not last.removable and "output" in last.kept_whole["1"]
 
