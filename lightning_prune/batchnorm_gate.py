@@ -14,6 +14,9 @@ leader, holds the mask, and each other layer of the group (a follower) multiplie
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -81,6 +84,47 @@ def follow_gate(follower: _BatchNorm, leader: _BatchNorm) -> None:
     """Let ``leader``'s channel gate also multiply ``follower``'s output (once)."""
     if not any(isinstance(hook, FollowGate) for hook in follower._forward_hooks.values()):
         follower.register_forward_hook(FollowGate(leader))
+
+
+def record_joined(mask: MagnitudeMask, names: Sequence[str]) -> None:
+    """Keep the names of the layers that follow ``mask``'s gate in the mask's state (buffer ``joined``, UTF-8 JSON), so
+    that any state_dict of the model says which layers to join again (weights-only checkpoints included)."""
+    data = encode_joined(names).to(mask.kept.device)
+    if isinstance(getattr(mask, "joined", None), Tensor) and torch.equal(mask.joined.cpu(), data.cpu()):
+        return
+    mask.register_buffer("joined", data)
+
+
+def encode_joined(names: Sequence[str]) -> Tensor:
+    """The ``joined`` buffer of a leader's mask: the names as UTF-8 JSON bytes."""
+    return torch.tensor(list(json.dumps(list(names)).encode()), dtype=torch.uint8)
+
+
+def joined_names(data: Tensor) -> list[str]:
+    """The layer names a ``joined`` buffer (:func:`record_joined`) holds."""
+    return json.loads(bytes(data.cpu().tolist()).decode())
+
+
+def join_layers(model: nn.Module, leader_name: str, names: Sequence[str]) -> None:
+    """Let the channel mask of the BatchNorm layer ``leader_name`` gate the layers ``names`` too (once), and record them.
+
+    Raises:
+        ValueError: naming the layer, when ``model`` has no such layer (another architecture), before any change.
+    """
+    leader = model.get_submodule(leader_name)
+    layers = []
+    for name in names:
+        try:
+            layers.append(model.get_submodule(name))
+        except AttributeError:
+            raise ValueError(
+                f"The channels of '{name}' are joined to '{leader_name}' but {type(model).__name__} has no such layer: "
+                "the checkpoint comes from another architecture."
+            ) from None
+    for layer in layers:
+        follow_gate(layer, leader)
+    mask = next(p for p in leader.parametrizations.weight if isinstance(p, MagnitudeMask))
+    record_joined(mask, names)
 
 
 def followers(model: nn.Module) -> dict[str, nn.Module]:

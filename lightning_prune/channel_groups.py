@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.batchnorm_gate import follow_gate
+from lightning_prune.batchnorm_gate import join_layers
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import _matches, register_mask
 
@@ -232,17 +232,17 @@ def reparametrize_channels(
     attached = []
     for name in names:
         module = model.get_submodule(name)
-        for follower in (joined or {}).get(name, ()):
-            follow_gate(model.get_submodule(follower), module)
-        if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) and "weight" in module.parametrizations:
-            continue
-        with torch.no_grad():
-            scale = CHANNEL_SCALE * float(module.weight.abs().mean())
-        if not scale > 0:
-            raise ValueError(f"Cannot mask the channels of {name}: its scales γ are all zero.")
-        mask = MagnitudeMask(module.weight.shape, scale, 1.0, temperature, grad_temperature).to(module.weight.device)
-        register_mask(module, "weight", mask)
-        attached.append(f"{name}.weight")
+        masked = isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) and "weight" in module.parametrizations
+        if not masked:
+            with torch.no_grad():
+                scale = CHANNEL_SCALE * float(module.weight.abs().mean())
+            if not scale > 0:
+                raise ValueError(f"Cannot mask the channels of {name}: its scales γ are all zero.")
+            mask = MagnitudeMask(module.weight.shape, scale, 1.0, temperature, grad_temperature).to(module.weight.device)
+            register_mask(module, "weight", mask)
+            attached.append(f"{name}.weight")
+        if (joined or {}).get(name):
+            join_layers(model, name, joined[name])
     return attached
 
 

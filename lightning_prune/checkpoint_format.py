@@ -34,7 +34,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.batchnorm_gate import follow_gate, followers, gated_follower, gated_shift, is_channel_mask
+from lightning_prune.batchnorm_gate import (
+    encode_joined,
+    followers,
+    gated_follower,
+    gated_shift,
+    is_channel_mask,
+    join_layers,
+)
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import masked_parameters, register_mask
 
@@ -62,6 +69,7 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
         if prefix + "original" not in state:
             continue
         entry = {key: state.pop(prefix + "0." + key) for key in MASK_BUFFERS}
+        state.pop(prefix + "0.joined", None)  # the joined layers' names: entry["joined"] below
         latent = state.pop(prefix + "original")
         hard = bool(entry["hard"])
         if not hard:
@@ -122,23 +130,22 @@ def attach_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) ->
                 f"'{name}' has shape {tuple(tensor.shape)} in the model but {tuple(saved.shape)} in the checkpoint: "
                 "the checkpoint comes from another model."
             )
-        joined = []
         for follower in entry.get("joined", ()):
             try:
-                joined.append(model.get_submodule(follower))
+                model.get_submodule(follower)
             except AttributeError:
                 raise ValueError(
                     f"The checkpoint joins the channels of '{follower}' to '{name}' but {type(model).__name__} has no "
                     "such layer: the checkpoint comes from another architecture."
                 ) from None
-        targets.append((name, module, param_name, tensor, joined))
+        targets.append((name, module, param_name, tensor, list(entry.get("joined", ()))))
     attached = []
     for name, module, param_name, tensor, joined in targets:
         if not _is_masked(module, param_name):
             register_mask(module, param_name, MagnitudeMask(tensor.shape, 1.0))
             attached.append(name)
-        for follower in joined:
-            follow_gate(follower, module)
+        if joined:
+            join_layers(model, name.rpartition(".")[0], joined)
     return attached
 
 
@@ -182,6 +189,8 @@ def _to_latent(
         state[plain.rpartition(".")[0] + ".bias"] = entry["shift"]
     for key, value in entry.get("joined_state", {}).items():  # the joined layers' γ and β as trained
         state[prefix + key] = value
+    if "joined" in entry:  # the names of the layers joined to this one, in the mask's state
+        state[latent + "0.joined"] = encode_joined(entry["joined"])
     for key in MASK_BUFFERS:
         default = torch.ones(weight.shape, dtype=torch.bool) if key == "kept" else defaults[key]
         state[latent + "0." + key] = entry.get(key, default)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.batchnorm_gate import gate_batchnorm_shift, is_channel_mask
+from lightning_prune.batchnorm_gate import gate_batchnorm_shift, is_channel_mask, join_layers, joined_names
 from lightning_prune.magnitude_mask import MagnitudeMask, is_compiling
 
 #: Module types whose weight is an embedding table (pruned only with ``embeddings=True``).
@@ -283,6 +283,9 @@ def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> li
         if not masked:
             register_mask(module, param_name, MagnitudeMask(current.shape, 1.0))
             attached.append(name)
+        joined = key.replace(".original", ".0.joined")
+        if joined in state_dict:  # channels of other BatchNorm layers follow this one's gate
+            join_layers(model, module_name, joined_names(state_dict[joined]))
     return attached
 
 

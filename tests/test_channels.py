@@ -16,7 +16,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plain_modules import CrashAt, PlainClassifier, quiet_trainer
 from torch import Tensor, nn
 
-from lightning_prune import BudgetCallback, budget_count, finalize, masked_parameters, remove_channels, save_smaller
+from lightning_prune import (
+    BudgetCallback,
+    budget_count,
+    finalize,
+    masked_parameters,
+    remove_channels,
+    reparametrize_like,
+    save_smaller,
+)
 from lightning_prune.backbones import VGG19, ResNet18
 from lightning_prune.batchnorm_gate import followers
 from lightning_prune.channel_groups import ChannelGroups, channel_groups, reparametrize_channels
@@ -438,3 +446,22 @@ def test_residual_streams_are_opt_in_and_need_the_channel_budget():
     _fit(model, callback)
     assert [p.name for p in masked_parameters(model)] == ["block.1.weight"] and not followers(model)
     assert "2 layers keep all their channels (e.g. stem.1: a residual stream" in callback.report.coverage
+
+
+def test_a_weights_only_state_dict_says_which_layers_are_joined():
+    """ModelCheckpoint(save_weights_only=True) skips the callbacks: the raw state_dict must carry the joined layers."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 16, 16)
+    model = ResidualClassifier().eval()
+    groups = channel_groups(model, x, residual_streams=True)
+    reparametrize_channels(model, list(groups.removable), joined=groups.joined)
+    finalize(model, sparsity=0.5)
+    fresh = ResidualClassifier().eval()
+    assert sorted(reparametrize_like(fresh, model.state_dict())) == ["block.1.weight", "stem.1.weight"]
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert set(followers(fresh)) == {"block.4"} and followers(fresh)["block.4"] is fresh.stem[1]
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    other = nn.Module()
+    other.stem, other.block = ResidualClassifier().stem, nn.Sequential(*list(ResidualClassifier().block)[:3])
+    with pytest.raises(ValueError, match="'block.4' are joined to 'stem.1' .* another architecture"):
+        reparametrize_like(other, {k: v for k, v in model.state_dict().items() if k.startswith(("stem", "block.1"))})
