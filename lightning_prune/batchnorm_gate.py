@@ -154,3 +154,15 @@ def fold_follow_gate(module: _BatchNorm) -> None:
         getattr(module, key).copy_(value)
     for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, FollowGate)]:
         del module._forward_hooks[key]
+
+
+@torch.no_grad()
+def clear_removed_channels(model: nn.Module, leader: _BatchNorm, kept: Tensor) -> None:
+    """Set to 0 the shift ``β`` of ``leader`` and the ``γ``, ``β`` of the layers that follow it, in the channels not
+    ``kept``: what a plain checkpoint of the cut network holds, so that pruning on to another budget starts alike."""
+    layers = [leader] + [model.get_submodule(name) for name, lead in followers(model).items() if lead is leader]
+    for layer in layers:
+        for key in ("weight", "bias") if layer is not leader else ("bias",):
+            value = getattr(layer, key, None)
+            if value is not None:
+                value.mul_(kept.to(value.dtype))

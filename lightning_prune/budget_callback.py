@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune.batchnorm_gate import clear_removed_channels, is_channel_mask
 from lightning_prune.budget import (
     BudgetMode,
     budget_count,
@@ -275,6 +276,8 @@ class BudgetCallback(Callback):
         with torch.no_grad():
             for p in self._params:
                 p.latent.mul_(p.mask.kept)
+                if is_channel_mask(p.module, p.param_name):  # the channel's shift and joined layers go with it
+                    clear_removed_channels(pl_module, p.module, p.mask.kept)
                 p.mask.reopen()
         self.finalized = False
         self.report = CutReport(coverage=self.report.coverage)

@@ -3,6 +3,7 @@ smaller network computing the same outputs, checkpoints, and the callback in a u
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -465,3 +466,24 @@ def test_a_weights_only_state_dict_says_which_layers_are_joined():
     other.stem, other.block = ResidualClassifier().stem, nn.Sequential(*list(ResidualClassifier().block)[:3])
     with pytest.raises(ValueError, match="'block.4' are joined to 'stem.1' .* another architecture"):
         reparametrize_like(other, {k: v for k, v in model.state_dict().items() if k.startswith(("stem", "block.1"))})
+
+
+class _AfterReopen(pl.Callback):
+    """Records the module's state at the start of training, after BudgetCallback reopened the cut masks."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_pruning_a_cut_network_on_to_another_budget_starts_from_its_plain_checkpoint(residual_run):
+    """In process or from a plain checkpoint, the removed channels start from 0 in every layer of their group."""
+    _, model, _ = residual_run
+    kept = model.stem[1].parametrizations.weight[0].kept.clone()
+    assert not kept.all()
+    reopened = _AfterReopen()
+    callback = BudgetCallback(sparsity=0.7, structure="channels", residual_streams=True)
+    quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback, reopened]).fit(
+        copy.deepcopy(model), DigitsDataModule(image_size=16, batch_size=32))
+    for key in ("stem.1.bias", "block.4.weight", "block.4.bias", "stem.1.parametrizations.weight.original"):
+        assert torch.equal(reopened.state[key][~kept], torch.zeros_like(reopened.state[key][~kept])), key
+        assert (reopened.state[key][kept] != 0).all(), key
