@@ -31,8 +31,7 @@ def is_channel_mask(module: nn.Module, param_name: str) -> bool:
 
 def channel_gate(module: _BatchNorm) -> Tensor:
     """The gate in use on ``module``'s channels (``h_T(γ)``, or the hard mask), without its gradient."""
-    mask = next(p for p in module.parametrizations.weight if isinstance(p, MagnitudeMask))
-    return mask.gate_values(module.parametrizations.weight.original)
+    return _mask(module).gate_values(module.parametrizations.weight.original)
 
 
 def _gate_shift(module: _BatchNorm, args, output: Tensor) -> Tensor:
@@ -112,6 +111,17 @@ def join_layers(model: nn.Module, leader_name: str, names: Sequence[str]) -> Non
         ValueError: naming the layer, when ``model`` has no such layer (another architecture), before any change.
     """
     leader = model.get_submodule(leader_name)
+    for layer in joined_layers(model, leader_name, names):
+        follow_gate(layer, leader)
+    record_joined(_mask(leader), names)
+
+
+def joined_layers(model: nn.Module, leader_name: str, names: Sequence[str]) -> list[nn.Module]:
+    """The layers ``names`` of ``model``, joined to ``leader_name``'s channels.
+
+    Raises:
+        ValueError: naming the layer, when ``model`` has no such layer (another architecture).
+    """
     layers = []
     for name in names:
         try:
@@ -121,10 +131,11 @@ def join_layers(model: nn.Module, leader_name: str, names: Sequence[str]) -> Non
                 f"The channels of '{name}' are joined to '{leader_name}' but {type(model).__name__} has no such layer: "
                 "the checkpoint comes from another architecture."
             ) from None
-    for layer in layers:
-        follow_gate(layer, leader)
-    mask = next(p for p in leader.parametrizations.weight if isinstance(p, MagnitudeMask))
-    record_joined(mask, names)
+    return layers
+
+
+def _mask(module: _BatchNorm) -> MagnitudeMask:
+    return next(p for p in module.parametrizations.weight if isinstance(p, MagnitudeMask))
 
 
 def followers(model: nn.Module) -> dict[str, nn.Module]:
@@ -160,7 +171,8 @@ def fold_follow_gate(module: _BatchNorm) -> None:
 def clear_removed_channels(model: nn.Module, leader: _BatchNorm, kept: Tensor) -> None:
     """Set to 0 the shift ``β`` of ``leader`` and the ``γ``, ``β`` of the layers that follow it, in the channels not
     ``kept``: what a plain checkpoint of the cut network holds, so that pruning on to another budget starts alike."""
-    layers = [leader] + [model.get_submodule(name) for name, lead in followers(model).items() if lead is leader]
+    joined = getattr(_mask(leader), "joined", None)
+    layers = [leader] + [model.get_submodule(name) for name in (joined_names(joined) if joined is not None else ())]
     for layer in layers:
         for key in ("weight", "bias") if layer is not leader else ("bias",):
             value = getattr(layer, key, None)

@@ -133,9 +133,12 @@ def channel_groups(
     return found
 
 
+#: Layers that normalise channels: a group holding one of them is joined through it.
+NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
 def _norms(group) -> list[nn.Module]:
-    return [dep.target.module for dep, _ in group
-            if isinstance(dep.target.module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm))]
+    return [dep.target.module for dep, _ in group if isinstance(dep.target.module, NORMS)]
 
 
 def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
@@ -151,7 +154,7 @@ def _why_kept_whole(group, channels: list[int], residual_streams: bool) -> str:
                 return "a sigmoid reads its channels (σ(0) != 0: a removed channel would not be 0)"
             if role == "scale":
                 gates.add(id(dep.target))
-        elif isinstance(module, (_BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        elif isinstance(module, NORMS):
             if not isinstance(module, _BatchNorm) or not module.affine:
                 return f"joined to the channels of a {type(module).__name__} (only BatchNorm scales can be masked)"
             if module.num_features != len(channels) or [int(getattr(i, "idx", i)) for i in idxs] != channels:

@@ -36,11 +36,12 @@ from torch.nn.utils import parametrize
 
 from lightning_prune.batchnorm_gate import (
     encode_joined,
-    followers,
     gated_follower,
     gated_shift,
     is_channel_mask,
     join_layers,
+    joined_layers,
+    joined_names,
 )
 from lightning_prune.magnitude_mask import MagnitudeMask
 from lightning_prune.reparametrize import masked_parameters, register_mask
@@ -61,15 +62,12 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
     under ``checkpoint["lightning_prune"]["masks"]``. Tensors absent from the state_dict (a sharded one) are left."""
     state = checkpoint["state_dict"]
     masks = {}
-    joined: dict[int, list[str]] = {}  # id(leader) → the BatchNorm layers that follow its gate
-    for name, leader in followers(model).items():
-        joined.setdefault(id(leader), []).append(name)
     for p in masked_parameters(model):
         prefix = _latent_key(p.name)
         if prefix + "original" not in state:
             continue
         entry = {key: state.pop(prefix + "0." + key) for key in MASK_BUFFERS}
-        state.pop(prefix + "0.joined", None)  # the joined layers' names: entry["joined"] below
+        joined = state.pop(prefix + "0.joined", None)  # the layers that follow its gate: entry["joined"] below
         latent = state.pop(prefix + "original")
         hard = bool(entry["hard"])
         if not hard:
@@ -81,8 +79,8 @@ def to_plain_checkpoint(checkpoint: dict[str, Any], model: nn.Module) -> None:
             if not hard:
                 entry["shift"] = state[shift]
             state[shift] = gated_shift(p.module).to(state[shift].dtype)
-        if id(p.module) in joined:  # its gate also multiplies these layers' γ and β
-            entry["joined"] = joined[id(p.module)]
+        if joined is not None:  # its gate also multiplies these layers' γ and β
+            entry["joined"] = joined_names(joined)
             raw = {}
             for follower in entry["joined"]:
                 for key, value in gated_follower(model.get_submodule(follower)).items():
@@ -130,14 +128,7 @@ def attach_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) ->
                 f"'{name}' has shape {tuple(tensor.shape)} in the model but {tuple(saved.shape)} in the checkpoint: "
                 "the checkpoint comes from another model."
             )
-        for follower in entry.get("joined", ()):
-            try:
-                model.get_submodule(follower)
-            except AttributeError:
-                raise ValueError(
-                    f"The checkpoint joins the channels of '{follower}' to '{name}' but {type(model).__name__} has no "
-                    "such layer: the checkpoint comes from another architecture."
-                ) from None
+        joined_layers(model, name.rpartition(".")[0], entry.get("joined", ()))  # checked before any change
         targets.append((name, module, param_name, tensor, list(entry.get("joined", ()))))
     attached = []
     for name, module, param_name, tensor, joined in targets:
