@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -86,7 +87,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                         break
                     batch = _to_device(trainer, pl_module, batch, index)
                     extra = (index,) if len(loaders) > 1 else ()
-                    trainer.strategy.validation_step(batch, batch_idx, *extra)
+                    trainer.strategy.validation_step(*step_args(pl_module, "validation_step", batch, batch_idx, extra))
             values = {name: _mean(items) for name, items in logged.items()}
     finally:
         pl_module.train(was_training)
@@ -136,6 +137,14 @@ def _steps_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.manual_backward
 
 
+def step_args(pl_module: pl.LightningModule, hook: str, batch: Any, batch_idx: int, extra: tuple = ()) -> tuple:
+    """The arguments Lightning's own loops pass to ``hook``: ``batch_idx`` only when the step's signature takes it
+    (``training_step(self, batch)`` is allowed), then ``dataloader_idx`` (``extra``) when there are several loaders."""
+    if is_param_in_hook_signature(getattr(pl_module, hook), "batch_idx", min_args=2):
+        return (batch, batch_idx, *extra)
+    return (batch, *extra)
+
+
 def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -163,7 +172,7 @@ def recalibrate_batchnorm(trainer: pl.Trainer, pl_module: pl.LightningModule, nu
                 if used >= num_batches:
                     break
                 batch = _to_device(trainer, pl_module, batch, 0)
-                trainer.strategy.training_step(batch, batch_idx)
+                trainer.strategy.training_step(*step_args(pl_module, "training_step", batch, batch_idx))
                 used += 1
     finally:
         for m, momentum in zip(norms, momenta):

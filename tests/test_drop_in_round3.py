@@ -1,0 +1,54 @@
+"""Public Lightning patterns, written as their examples write them (nothing about pruning in the modules)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import BudgetCallback
+from tests.plain_modules import quiet_trainer
+
+
+def _images(n: int = 64, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+class _NoBatchIdx(pl.LightningModule):
+    """Lightning's GAN example writes ``training_step(self, batch)``: Lightning passes ``batch_idx`` only when the
+    step asks for it. BatchNorm, so the cut re-estimates statistics through this step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * 64, 2))
+        self.validation_calls = 0
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch):
+        x, y = batch
+        self.validation_calls += 1
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_training_step_without_batch_idx_reaches_the_cut_and_its_batchnorm_is_re_estimated():
+    model = _NoBatchIdx()
+    callback = BudgetCallback(sparsity=0.8)
+    quiet_trainer(max_epochs=3, callbacks=[callback]).fit(model, _images(), _images(32, seed=1))
+    assert callback.report.cut_done
+    assert callback.report.val_before_cut and callback.report.val_after_cut  # validation_step(self, batch) ran
+    assert callback.report.val_after_recalibration  # the BatchNorm pass went through training_step(self, batch)
+    bn = model.net[1]
+    assert int(bn.num_batches_tracked) > 0 and torch.isfinite(bn.running_var).all()
