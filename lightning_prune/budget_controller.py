@@ -13,9 +13,13 @@ class BudgetController:
     gap (:func:`lightning_prune.budget.margin_gap`, in units of the score ``|θ|/s``) and λ the budget step per
     optimizer step in the same units: λ > 0 shrinks the weights, λ < 0 grows them.
 
-    The loop engages when the kept share first reaches the target (before that λ = 0: the target is still above the
-    share the network starts with); from then on it holds the share at the target from both sides, so that the cut
-    at the end of fit neither removes weights the network uses nor adds weights it never trained with.
+    The loop engages when the kept share first reaches the target, or when the target falls to the share the network
+    had at the loop's first step, whichever comes first (before that λ = 0: the target is still above the share the
+    network starts with, and growing every weight toward it would undo the network's own choice). From then on it
+    holds the share at the target from both sides, so that the cut at the end of fit neither removes weights the
+    network uses nor adds weights it never trained with. The second condition matters where the weights fall under
+    the threshold by themselves, faster than the target falls (SGD at lr 0.1 with weight decay: a weight under the
+    threshold loses the task's gradient through its gate while the decay goes on shrinking it).
 
     The weights' response to λ is about one score unit per unit of λ whatever the optimizer, so the gains need no
     tuning per workload: ``k_p = 2/τ`` and ``k_i = 1/τ²`` (a critically damped loop with time constant ``τ`` steps).
@@ -43,6 +47,7 @@ class BudgetController:
         self.max_step = float(max_step)
         self.integral: Tensor | None = None
         self.engaged: Tensor | None = None
+        self.start_share: Tensor | None = None
 
     def set_response(self, response_steps: float) -> None:
         """Set the time constant ``τ`` (optimizer steps, >= 1) and with it the gains; the loop's state is kept."""
@@ -52,23 +57,33 @@ class BudgetController:
         self.gain = 2.0 / response_steps
         self.integral_gain = 1.0 / response_steps**2
 
-    def update(self, gap: Tensor) -> Tensor:
-        """Take the gap of this step; return λ (same shape as ``gap``)."""
+    def update(self, gap: Tensor, share: Tensor | None = None, target_keep: float | None = None) -> Tensor:
+        """Take the gap of this step; return λ (same shape as ``gap``). ``share`` (the share in use, same shape) and
+        ``target_keep``: the loop also engages once the target is at or under the share of its first step."""
         if self.integral is None or self.integral.shape != gap.shape:
             self.integral, self.engaged = torch.zeros_like(gap), torch.zeros_like(gap, dtype=torch.bool)
         self.integral, self.engaged = self.integral.to(gap.device), self.engaged.to(gap.device)
         self.engaged |= gap > 0  # no tensor read back to the host: no device synchronisation
+        if share is not None and target_keep is not None:
+            if self.start_share is None or self.start_share.shape != share.shape:
+                self.start_share = share.detach().clone()
+            self.start_share = self.start_share.to(gap.device)
+            self.engaged |= self.start_share >= target_keep
         self.integral = torch.where(self.engaged, self.integral + self.integral_gain * gap, 0.0)
         self.integral = self.integral.clamp(-self.max_step, self.max_step)
         step = (self.integral + self.gain * gap).clamp(-self.max_step, self.max_step)
         return torch.where(self.engaged, step, 0.0)
 
     def state_dict(self) -> dict[str, Any]:
+        start = None if self.start_share is None else self.start_share.detach().cpu().tolist()
         if self.integral is None:
-            return {"integral": None, "engaged": None}
-        return {"integral": self.integral.detach().cpu().tolist(), "engaged": self.engaged.cpu().tolist()}
+            return {"integral": None, "engaged": None, "start_share": start}
+        return {"integral": self.integral.detach().cpu().tolist(), "engaged": self.engaged.cpu().tolist(),
+                "start_share": start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         integral, engaged = state.get("integral"), state.get("engaged")
         self.integral = None if integral is None else torch.tensor(integral)
         self.engaged = None if engaged is None else torch.tensor(engaged, dtype=torch.bool)
+        start = state.get("start_share")  # absent from checkpoints of 0.4.0: the next step records it
+        self.start_share = None if start is None else torch.tensor(start)

@@ -126,6 +126,7 @@ class BudgetLoop:
         self.floors: list[int] = []
         self.latest_lambda: Tensor | None = None
         self._shares: Tensor | None = None
+        self._numels: Tensor | None = None
 
     def attach(self, params: list[MaskedParameter]) -> None:
         """Take the masked tensors (again, after a strategy wrapped the module or a checkpoint restored the scales)."""
@@ -133,6 +134,7 @@ class BudgetLoop:
         self._ids = {id(p.latent): i for i, p in enumerate(params)}
         self.floors = [layer_floor(p.numel, self.min_layer_keep) for p in params]
         self._unit = common_unit(params) if params and self.mode == "global" else None
+        self._numels: Tensor | None = None
 
     def set_ramp(self, ramp_steps: float) -> None:
         """The default time constant follows the ramp's length: a 16th of it, between 2 and 10 steps."""
@@ -156,13 +158,14 @@ class BudgetLoop:
             exempt=s.exempt_share * self.keep, indices=indices,
         )
         self._shares = sample.shares
-        self.latest_lambda = self.controller.update(sample.gap)
+        self.latest_lambda = self.controller.update(sample.gap, self._share_in_use(sample.shares), target_keep)
         lam = self.latest_lambda
         if self._unit is None:
             rates = lam.expand(len(params))
         else:  # a growing step is at most |λ| in a tensor's own units: a small-scale tensor's zeros rise slowly
             rates = torch.where(lam > 0, lam * self._unit, lam * self._unit.clamp_max(1.0))
-        rates = torch.where(sample.shares > self.min_layer_keep, rates, torch.zeros_like(rates))
+        # a tensor at its floor feels no shrinking pressure; a growing step reaches every tensor
+        rates = torch.where((sample.shares > self.min_layer_keep) | (rates < 0), rates, torch.zeros_like(rates))
         metric = optimizer_metric(params, optimizer, step, indices) if s.precondition else None
         exempt = sample.exempt_above.expand(len(params))
         if len(trained) < len(params):
@@ -176,6 +179,14 @@ class BudgetLoop:
             budget_step(params, rates, exempt, metric)
         if self.mode == "global" and step % FLOOR_CHECK_EVERY == 0:
             update_floor_thresholds(params, sample.shares, self.floors, self.min_layer_keep, THRESHOLD)
+
+    def _share_in_use(self, shares: Tensor) -> Tensor:
+        """The share in use the gap is measured against: over all tensors (global mode), or each tensor's."""
+        if self.mode != "global":
+            return shares
+        if self._numels is None or self._numels.device != shares.device:
+            self._numels = torch.tensor([float(p.numel) for p in self.params], device=shares.device)
+        return (shares * self._numels).sum().div(self._numels.sum()).reshape(1)
 
     def shares_in_use(self) -> Tensor:
         """Each tensor's sampled share in use at the last step (NaN before the first)."""

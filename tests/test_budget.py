@@ -89,11 +89,27 @@ def test_a_growing_step_is_at_most_lambda_in_a_small_scale_tensors_own_units():
     original = budget_loop.budget_step
     budget_loop.budget_step = lambda ps, rates, *a: captured.setdefault("rates", rates)
     try:
-        loop.controller.update = lambda gap: torch.tensor([-0.2])
+        loop.controller.update = lambda gap, *rest: torch.tensor([-0.2])
         loop.step(torch.optim.SGD(model.parameters(), lr=0.1), 1, target_keep=0.5)
     finally:
         budget_loop.budget_step = original
     assert captured["rates"].tolist() == pytest.approx([-0.2 * float(loop._unit[0]), -0.2])
+
+
+def test_controller_engages_from_below_once_the_target_reaches_the_share_it_started_with():
+    """Weights that fall under the threshold by themselves (SGD lr 0.1 with weight decay) before the target comes down:
+    the loop engages when the target reaches the share of its first step, and grows them back."""
+    controller = BudgetController(response_steps=10, max_step=1.0)
+    below = torch.tensor([-0.3])
+    assert float(controller.update(below, torch.tensor([0.45]), 0.9)) == 0.0  # the target is above the start share
+    assert float(controller.update(below, torch.tensor([0.20]), 0.6)) == 0.0  # the share fell; the target is still above
+    state = controller.state_dict()  # not engaged yet: the first step's share is what it keeps
+    lam = float(controller.update(below, torch.tensor([0.15]), 0.45))  # the target reaches the first step's share
+    assert lam == pytest.approx(-0.3 * 0.2 - 0.3 * 0.01)  # engaged: the weights grow
+    restored, fresh = BudgetController(response_steps=10), BudgetController(response_steps=10)
+    restored.load_state_dict(state)
+    assert float(restored.update(below, torch.tensor([0.15]), 0.45)) == pytest.approx(lam)  # a resume engages too
+    assert float(fresh.update(below, torch.tensor([0.15]), 0.45)) == 0.0  # without it, 0.15 would be the start
 
 
 def test_controller_waits_for_the_target_then_holds_it_from_both_sides():
