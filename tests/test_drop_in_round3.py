@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import pytest
 import torch
 import torch.nn.functional as F
+from plain_modules import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import BudgetCallback
-from tests.plain_modules import quiet_trainer
 
 
 def _images(n: int = 64, seed: int = 0) -> DataLoader:
