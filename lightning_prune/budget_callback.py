@@ -35,7 +35,6 @@ from lightning_prune.finalization import finalize
 from lightning_prune.module_passes import has_batchnorm, recalibrate_batchnorm, validation_metrics
 from lightning_prune.non_finite import FiniteWatch, check_latents_finite
 from lightning_prune.reparametrize import (
-    UNSUPPORTED_REASONS,
     MaskedParameter,
     coverage,
     detach_recurrent_weights,
@@ -220,12 +219,6 @@ class BudgetCallback(Callback):
         covered = coverage(pl_module, self.embeddings)
         self.report.coverage = covered.summary()
         rank_zero_info(f"BudgetCallback: {covered.summary()}.")
-        unsupported = [f"{n} ({why})" for n, _, why in covered.left_out if why.startswith(UNSUPPORTED_REASONS)]
-        if unsupported:
-            rank_zero_warn(
-                f"BudgetCallback: {', '.join(unsupported)} stay dense: the mask cannot sit on a weight that another "
-                "reparametrization computes. Use plain layers there to prune them."
-            )
         if covered.share_of_matrix_weights < 0.5:
             rank_zero_warn(
                 f"BudgetCallback: {covered.summary()}. sparsity={self.sparsity} applies to the covered tensors only; "

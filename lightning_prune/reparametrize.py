@@ -241,7 +241,19 @@ def reparametrize(
             continue  # masked already (another parametrization is never a candidate)
         _attach(module, param_name, threshold, temperature, grad_temperature, preserve_scale)
         attached.append(name)
+    warn_unsupported(coverage(model, embeddings), stacklevel=3)
     return attached
+
+
+def warn_unsupported(covered: Coverage, stacklevel: int = 2) -> None:
+    """Warn about the weights the mask cannot sit on (another reparametrization computes them): they stay dense."""
+    unsupported = [f"{n} ({why})" for n, _, why in covered.left_out if why.startswith(UNSUPPORTED_REASONS)]
+    if unsupported:
+        warnings.warn(
+            f"{', '.join(unsupported)} stay dense: the mask cannot sit on a weight that another reparametrization "
+            "computes. Use plain layers there to prune them.",
+            stacklevel=stacklevel,
+        )
 
 
 def reparametrize_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from plain_modules import quiet_trainer
@@ -51,3 +52,11 @@ def test_a_training_step_without_batch_idx_reaches_the_cut_and_its_batchnorm_is_
     assert callback.report.val_after_recalibration  # the BatchNorm pass went through training_step(self, batch)
     bn = model.net[1]
     assert int(bn.num_batches_tracked) > 0 and torch.isfinite(bn.running_var).all()
+
+
+def test_reparametrize_says_which_layers_it_leaves_dense():
+    from lightning_prune import reparametrize
+
+    model = nn.Sequential(nn.Linear(8, 8), torch.nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
+    with pytest.warns(UserWarning, match=r"1\.weight \(another parametrization \(_SpectralNorm\)\) stay dense"):
+        assert reparametrize(model) == ["0.weight"]
