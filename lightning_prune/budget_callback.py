@@ -179,6 +179,8 @@ class BudgetCallback(Callback):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loads_plain_layout(pl_module)  # a checkpoint of a pruned run loads, with its masks
+        if stage == "fit":
+            _note_renamed_weights(pl_module)
         if stage != "fit" or masked_parameters(pl_module):
             if stage == "fit" and (self.include or self.exclude):
                 rank_zero_warn("BudgetCallback: the module is already reparametrized; include/exclude are ignored.")
@@ -498,3 +500,31 @@ def _check(condition: bool, message: str) -> None:
 def _check_choice(name: str, value: str, choices: Any) -> None:
     allowed = choices.__args__
     _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
+
+
+RENAMED_NOTE = (
+    "lightning_prune: BudgetCallback reparametrized the module's weights before configure_optimizers, so "
+    "named_parameters() lists each pruned weight as '<module>.parametrizations.weight.original' (still the same "
+    "nn.Parameter). Code that sorts parameters by name can call lightning_prune.plain_named_parameters(self) instead: "
+    "it gives the plain names ('<module>.weight')."
+)
+
+
+def _note_renamed_weights(pl_module: pl.LightningModule) -> None:
+    """Until Lightning has called it, an exception from the module's ``configure_optimizers`` carries a note naming
+    the renaming and :func:`~lightning_prune.plain_named_parameters` (minGPT's name-based decay groups assert)."""
+    original = pl_module.configure_optimizers
+
+    def configure_optimizers(*args: Any, **kwargs: Any) -> Any:
+        pl_module.__dict__.pop("configure_optimizers", None)  # once: the module's own method from now on
+        try:
+            return original(*args, **kwargs)
+        except Exception as error:
+            if masked_parameters(pl_module):
+                if hasattr(error, "add_note"):
+                    error.add_note(RENAMED_NOTE)
+                else:  # Python < 3.11
+                    rank_zero_warn(RENAMED_NOTE)
+            raise
+
+    pl_module.configure_optimizers = configure_optimizers

@@ -60,3 +60,40 @@ def test_reparametrize_says_which_layers_it_leaves_dense():
     model = nn.Sequential(nn.Linear(8, 8), torch.nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)))
     with pytest.warns(UserWarning, match=r"1\.weight \(another parametrization \(_SpectralNorm\)\) stay dense"):
         assert reparametrize(model) == ["0.weight"]
+
+
+class _MinGPTStyle(pl.LightningModule):
+    """minGPT's configure_optimizers: decay / no-decay groups by module type and parameter name, then an assertion
+    that every parameter is in one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.blocks(x.flatten(1)[:, :8]), y)
+
+    def configure_optimizers(self):
+        decay, no_decay = set(), set()
+        for mn, m in self.named_modules():
+            for pn, _ in m.named_parameters(recurse=False):
+                fpn = f"{mn}.{pn}" if mn else pn
+                if pn.endswith("bias") or isinstance(m, nn.LayerNorm):
+                    no_decay.add(fpn)
+                elif pn.endswith("weight") and isinstance(m, nn.Linear):
+                    decay.add(fpn)
+        params = dict(self.named_parameters())
+        missing = params.keys() - (decay | no_decay)
+        assert not missing, f"parameters {missing} were not separated into either decay/no_decay set!"
+        return torch.optim.AdamW([{"params": [params[n] for n in sorted(decay)], "weight_decay": 0.1},
+                                  {"params": [params[n] for n in sorted(no_decay)], "weight_decay": 0.0}])
+
+
+def test_an_exception_in_configure_optimizers_names_the_renaming_and_the_fix():
+    model = _MinGPTStyle()
+    with pytest.raises(AssertionError) as caught:
+        quiet_trainer(max_epochs=1, callbacks=[BudgetCallback(sparsity=0.5)]).fit(model, _images())
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "parametrizations.weight.original" in notes and "plain_named_parameters" in notes
+    assert "configure_optimizers" not in model.__dict__  # the module's own method again after the call
