@@ -247,6 +247,8 @@ def sparse_linear_export(
     timer: Timer | None = None,
 ) -> tuple[nn.Module, dict[str, SparseLayerReport]]:
     """A copy of ``model`` where each ``nn.Linear`` that is measured faster in sparse CSR form is a :class:`SparseLinear`.
+    Hugging Face's ``Conv1D`` (GPT-2's layers, a Linear with its weight stored transposed) is treated as the
+    ``nn.Linear`` it computes.
 
     Each ``nn.Linear`` whose weight keeps at most ``max_density`` of its entries is timed dense and sparse, on a
     random input of ``(batch, in_features)`` for each batch size in ``batch_sizes``, on this machine (so call it where
@@ -293,9 +295,11 @@ def sparse_linear_export(
         exported = copy.deepcopy(model)
     timer = timer or time_pair
     report: dict[str, SparseLayerReport] = {}
-    targets = [(name, m) for name, m in exported.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(name, m) for name, m in exported.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     with _threads(threads):
         for name, linear in targets:
+            if is_conv1d(linear) and not torch.nn.utils.parametrize.is_parametrized(linear):
+                linear = conv1d_as_linear(linear)  # Hugging Face's transposed Linear (GPT-2): the same product
             if torch.nn.utils.parametrize.is_parametrized(linear):
                 report[name] = SparseLayerReport(density=1.0, chosen=False, reason="parametrized")
                 continue
@@ -329,6 +333,26 @@ def sparse_linear_export(
                 _replace(exported, name, candidate)
             report[name] = entry
     return exported, report
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT, ...): ``y = x @ W + b`` with ``W`` of shape ``(nx, nf)``, a Linear whose
+    weight is stored transposed. Recognised by its name and fields, so transformers need not be installed."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, Tensor) and tuple(weight.shape) == (module.nx, module.nf))
+
+
+@torch.no_grad()
+def conv1d_as_linear(conv1d: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a Hugging Face ``Conv1D`` computes (its weight transposed)."""
+    weight = conv1d.weight.detach()
+    linear = nn.Linear(conv1d.nx, conv1d.nf, bias=conv1d.bias is not None, device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight.t())
+    if conv1d.bias is not None:
+        linear.bias.copy_(conv1d.bias.detach())
+    linear.train(conv1d.training)
+    return linear
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -97,3 +97,25 @@ def test_an_exception_in_configure_optimizers_names_the_renaming_and_the_fix():
     notes = "\n".join(getattr(caught.value, "__notes__", []))
     assert "parametrizations.weight.original" in notes and "plain_named_parameters" in notes
     assert "configure_optimizers" not in model.__dict__  # the module's own method again after the call
+
+
+def test_sparse_linear_export_converts_hugging_face_conv1d():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_prune import SparseLinear, sparse_linear_export
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    conv1d = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj
+    with torch.no_grad():
+        for name in conv1d:
+            weight = model.get_submodule(name).weight
+            weight[torch.rand_like(weight) < 0.95] = 0
+    exported, report = sparse_linear_export(model, batch_sizes=(1,), timer=lambda dense, sparse, x: (2.0, 1.0))
+    assert all(report[name].chosen for name in conv1d)
+    assert all(isinstance(exported.get_submodule(name), SparseLinear) for name in conv1d)
+    ids = torch.randint(0, 50, (3, 16))
+    torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
