@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.channel_groups import dependency_graph, torch_pruning
@@ -117,13 +117,32 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
             getattr(m, "weight", None) is not None}
 
 
+def _two_rows(x: Any) -> Any:
+    return x.expand(2, *x.shape[1:]).clone() if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == 1 else x
+
+
+def _dynamic_dims(x: Any) -> dict[int, Any] | None:
+    """The dimensions of ``x`` the saved program leaves free: the batch, and a token input's sequence length."""
+    if not isinstance(x, Tensor) or x.ndim == 0:
+        return None
+    dims = {0: torch.export.Dim.AUTO}
+    if x.ndim == 2 and not x.is_floating_point() and x.shape[1] > 1:
+        dims[1] = torch.export.Dim.AUTO
+    return dims
+
+
 def save_smaller(model: nn.Module, path: str | os.PathLike, example_input: Any) -> str:
     """Save the smaller network as a ``torch.export`` program (loads without its classes:
     ``torch.export.load(path).module()``), with its layer shapes in ``<path>.shapes.json``. Returns the program's path.
+
+    The program takes any batch size: the first dimension of every tensor input is dynamic, and so is the second of
+    an integer input of two dimensions (token ids: the sequence length). Other sizes (an image's) stay those of
+    ``example_input``. An example of one row is traced as two (torch specialises a dimension of size 1).
     """
     model.eval()
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    program = torch.export.export(model, args)
+    args = tuple(_two_rows(a) for a in args)
+    program = torch.export.export(model, args, dynamic_shapes=tuple(_dynamic_dims(a) for a in args))
     torch.export.save(program, path)
     with open(f"{os.fspath(path)}.shapes.json", "w") as f:
         json.dump(layer_shapes(model), f, indent=1)

@@ -310,13 +310,25 @@ def test_a_channel_checkpoint_loads_in_a_new_process_without_lightning_prune(cha
     torch.testing.assert_close(got, model.eval()(x), rtol=0, atol=1e-5)
 
 
-def test_the_saved_smaller_network_runs_without_its_classes(channel_run, tmp_path):
+def test_the_saved_smaller_network_runs_without_its_classes_at_any_batch_size(channel_run, tmp_path):
+    """Traced with one input, as docs/channels.md shows; run at batch 1, 16 and 64 in a new process."""
     _, model, _ = channel_run
-    x = torch.randn(2, 1, 16, 16)
-    small = remove_channels(model, x)
-    path = save_smaller(small, tmp_path / "small.pt2", x)
-    loaded = torch.export.load(path).module()
-    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=1e-5)
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    small = remove_channels(model, x[:1])
+    path = save_smaller(small, tmp_path / "small.pt2", x[:1])
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import json, torch\n"
+        f"program = torch.export.load({str(path)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "print(json.dumps([program(x[:b]).tolist() for b in (1, 16, 64)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = model.eval()(x)
+    for batch, got in zip((1, 16, 64), outputs):
+        torch.testing.assert_close(torch.tensor(got), expected[:batch], rtol=0, atol=1e-5)
     shapes = json.loads((tmp_path / "small.pt2.shapes.json").read_text())
     assert shapes["net.1"] == [small.net[1].num_features] and shapes["net.1"][0] < 16
 

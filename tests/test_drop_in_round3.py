@@ -119,3 +119,14 @@ def test_sparse_linear_export_converts_hugging_face_conv1d():
     assert all(isinstance(exported.get_submodule(name), SparseLinear) for name in conv1d)
     ids = torch.randint(0, 50, (3, 16))
     torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_a_saved_program_takes_any_batch_and_sequence_length_of_token_ids(tmp_path):
+    from lightning_prune import save_smaller
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))
+    path = save_smaller(model, tmp_path / "tokens.pt2", torch.randint(0, 50, (1, 5)))
+    program = torch.export.load(path).module()
+    ids = torch.randint(0, 50, (3, 9))
+    torch.testing.assert_close(program(ids), model(ids))
