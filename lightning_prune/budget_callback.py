@@ -29,7 +29,7 @@ from lightning_prune.budget import (
 from lightning_prune.budget_controller import BudgetController
 from lightning_prune.budget_loop import BudgetLoop, LoopSettings
 from lightning_prune.channel_groups import Structure, channel_groups, example_input, reparametrize_channels
-from lightning_prune.checkpoint_format import loads_plain_layout, to_plain_checkpoint
+from lightning_prune.checkpoint_format import accept_masked_twins, loads_plain_layout, to_plain_checkpoint
 from lightning_prune.cut_report import CutReport
 from lightning_prune.finalization import finalize
 from lightning_prune.module_passes import has_batchnorm, recalibrate_batchnorm, validation_metrics
@@ -44,6 +44,7 @@ from lightning_prune.reparametrize import (
 )
 from lightning_prune.run_length import check_known_length, planned_manual_steps, planned_steps
 from lightning_prune.schedules import TargetSchedule, target_keep_at, temperature_at
+from lightning_prune.trained_parameters import trained_parameter_ids
 from lightning_prune.weight_recompute import recompute_masked_weights
 
 #: Share of each tensor kept at least, unless the budget is too small for it (see ``min_layer_keep``).
@@ -179,11 +180,11 @@ class BudgetCallback(Callback):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loads_plain_layout(pl_module)  # a checkpoint of a pruned run loads, with its masks
-        if stage == "fit":
-            _note_renamed_weights(pl_module)
         if stage != "fit" or masked_parameters(pl_module):
             if stage == "fit" and (self.include or self.exclude):
                 rank_zero_warn("BudgetCallback: the module is already reparametrized; include/exclude are ignored.")
+            if stage == "fit":
+                _note_renamed_weights(pl_module)
             self._attach_state(pl_module)
             self._refresh_swa_copies(trainer, pl_module)
             return
@@ -197,6 +198,8 @@ class BudgetCallback(Callback):
             sizes = list(groups.removable.values())
         else:
             chosen = prunable_parameters(pl_module, self.include, self.exclude, self.embeddings)
+            untrained = _untrained(trainer, pl_module, chosen)
+            chosen = {name: owner for name, owner in chosen.items() if name not in untrained}
             sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
         floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
         if floors > budget_count(sum(sizes), self.sparsity):
@@ -211,17 +214,20 @@ class BudgetCallback(Callback):
         if self.structure == "channels":
             reparametrize_channels(pl_module, list(groups.removable), joined=groups.joined, **temperatures)
         else:
-            reparametrize(pl_module, self.include, self.exclude, self.embeddings, **temperatures)
+            reparametrize(pl_module, self.include, [*(self.exclude or []), *untrained], self.embeddings,
+                          **temperatures)
+            accept_masked_twins(pl_module, prunable_parameters(pl_module, embeddings=self.embeddings))
+        _note_renamed_weights(pl_module)
         self._attach_state(pl_module)
         self._refresh_swa_copies(trainer, pl_module)
         if self.structure == "channels":
             self.report.coverage = groups.summary()
             rank_zero_info(f"BudgetCallback: {groups.summary()}.")
             return
-        covered = coverage(pl_module, self.embeddings)
+        covered = coverage(pl_module, self.embeddings, {name: UNTRAINED for name in untrained})
         self.report.coverage = covered.summary()
         rank_zero_info(f"BudgetCallback: {covered.summary()}.")
-        if covered.share_of_matrix_weights < 0.5:
+        if covered.share_of_trained_matrix_weights < 0.5:
             rank_zero_warn(
                 f"BudgetCallback: {covered.summary()}. sparsity={self.sparsity} applies to the covered tensors only; "
                 "add the others with `include` patterns (or embeddings=True for embedding tables)."
@@ -500,6 +506,20 @@ def _check(condition: bool, message: str) -> None:
 def _check_choice(name: str, value: str, choices: Any) -> None:
     allowed = choices.__args__
     _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
+
+
+#: Why a weight that no optimizer trains is left out of the budget (a DQN's target network, a teacher, an EMA copy).
+UNTRAINED = "no optimizer trains it"
+
+
+def _untrained(trainer: pl.Trainer, pl_module: pl.LightningModule, chosen: dict[str, Any]) -> list[str]:
+    """The chosen tensors that no optimizer of ``configure_optimizers`` trains (none when it cannot say, or when it
+    trains none of them: then they are all the user's)."""
+    trained = trained_parameter_ids(trainer, pl_module)
+    if trained is None:
+        return []
+    left = [name for name, (module, param) in chosen.items() if id(module.get_parameter(param)) not in trained]
+    return left if len(left) < len(chosen) else []
 
 
 RENAMED_NOTE = (

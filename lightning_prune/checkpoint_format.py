@@ -167,6 +167,43 @@ def loads_plain_layout(model: nn.Module) -> None:
         model._register_load_state_dict_pre_hook(PlainLayoutLoader(model))
 
 
+class MaskedTwinLoader:
+    """``load_state_dict`` pre-hook of a plain layer whose twin elsewhere is masked (a DQN's target network, a
+    teacher or an EMA copy left out of the budget): the twin's entries (``<prefix>parametrizations.<param>.original``
+    and its mask's buffers) load as the weight the twin computes with, so ``target.load_state_dict(net.state_dict())``
+    works as it did before the callback.
+
+    Args:
+        param_name: the layer's parameter (``"weight"``).
+    """
+
+    def __init__(self, param_name: str) -> None:
+        self.param_name = param_name
+
+    @torch.no_grad()
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        latent = f"{prefix}parametrizations.{self.param_name}."
+        if latent + "original" not in state_dict or prefix + self.param_name in state_dict:
+            return
+        theta = state_dict.pop(latent + "original")
+        buffers = {key: state_dict.pop(latent + "0." + key) for key in (*MASK_BUFFERS, "joined")
+                   if latent + "0." + key in state_dict}
+        mask = MagnitudeMask(theta.shape, scale=1.0).to(theta.device)
+        mask.load_state_dict({key: buffers[key] for key in MASK_BUFFERS})
+        mask.set_temperature(float(mask.temperature))
+        state_dict[prefix + self.param_name] = mask(theta)
+
+
+def accept_masked_twins(model: nn.Module, names: Mapping[str, tuple[nn.Module, str]]) -> None:
+    """Register :class:`MaskedTwinLoader` (once) on each plain layer of ``names`` (``{name: (module, param)}``)."""
+    for module, param_name in names.values():
+        if _is_masked(module, param_name):
+            continue
+        hooks = module._load_state_dict_pre_hooks.values()
+        if not any(isinstance(h, MaskedTwinLoader) and h.param_name == param_name for h in hooks):
+            module._register_load_state_dict_pre_hook(MaskedTwinLoader(param_name))
+
+
 def _to_latent(
     state: dict[str, Tensor], prefix: str, name: str, entry: Mapping[str, Tensor], defaults: Mapping[str, Tensor]
 ) -> None:

@@ -74,8 +74,7 @@ class PruneCLI(LightningCLI):
         if test_acc is not None:
             lines.append(f"  test accuracy       {float(test_acc):.4f}")
         lines.append(f"  logs & checkpoints  {log_dir}")
-        lines.append(f"  pruned model        {compact} ({os.path.getsize(compact) / 1e3:.1f} kB compact), "
-                     f"{plain} ({os.path.getsize(plain) / 1e3:.1f} kB dense)")
+        lines.append(file_line(compact, plain))
         if budget is not None and budget.structure == "channels":
             lines.append(f"  smaller network     {self._save_smaller(model, log_dir)}")
         rank_zero_info("\n".join(lines))
@@ -94,6 +93,13 @@ class PruneCLI(LightningCLI):
         (dense_macs, dense_params), (macs, params) = macs_and_parameters(network, x), macs_and_parameters(small, x)
         return (f"{path}: {macs / dense_macs:.1%} of the MACs ({macs:,} of {dense_macs:,}), "
                 f"{params / dense_params:.1%} of the parameters; torch.export.load(path).module() runs it")
+
+
+def file_line(compact: str, plain: str) -> str:
+    """What each written file is, with its size: the pruned weights' file as a share of the plain one."""
+    compact_kb, plain_kb = os.path.getsize(compact) / 1e3, os.path.getsize(plain) / 1e3
+    return (f"  pruned model        {compact} ({compact_kb:.1f} kB, {compact_kb / plain_kb:.0%} of the plain file; "
+            f"load_pruned reads it), {plain} ({plain_kb:.1f} kB, a plain state_dict of the backbone class)")
 
 
 def _has_test_data(datamodule) -> bool:

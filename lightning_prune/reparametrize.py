@@ -93,10 +93,17 @@ class Coverage:
     matrix_weights: int
     parameters: int
     left_out: list[tuple[str, int, str]] = field(default_factory=list)
+    untrained: int = 0
 
     @property
     def share_of_matrix_weights(self) -> float:
         return self.covered / self.matrix_weights if self.matrix_weights else 0.0
+
+    @property
+    def share_of_trained_matrix_weights(self) -> float:
+        """The share of the matrix weights an optimizer trains (``untrained``: those left out for that reason)."""
+        trained = self.matrix_weights - self.untrained
+        return self.covered / trained if trained else 0.0
 
     def summary(self) -> str:
         text = (
@@ -109,8 +116,9 @@ class Coverage:
         return text
 
 
-def coverage(model: nn.Module, embeddings: bool = False) -> Coverage:
-    """Describe what :func:`reparametrize` covered in ``model`` (call it after).
+def coverage(model: nn.Module, embeddings: bool = False, reasons: Mapping[str, str] | None = None) -> Coverage:
+    """Describe what :func:`reparametrize` covered in ``model`` (call it after). ``reasons`` says why a candidate was
+    left out (``{name: why}``; "excluded" for the others a pattern left out).
 
     Example:
         >>> import torch
@@ -121,13 +129,20 @@ def coverage(model: nn.Module, embeddings: bool = False) -> Coverage:
     """
     covered = {p.name: p.numel for p in masked_parameters(model)}
     matrices, why = _matrix_weights(model, embeddings)
+    reasons = reasons or {}
+    why = {n: w or reasons.get(n, "excluded") for n, w in why.items()}
     left = sorted(((n, t.numel(), why[n]) for n, t in matrices.items() if n not in covered), key=lambda r: -r[1])
+    untrained = [n for n in reasons if n in matrices and n not in covered]
+    if untrained:  # named together, whatever their size
+        left = [(f"{len(untrained)} tensors", sum(matrices[n].numel() for n in untrained), reasons[untrained[0]])] + [
+            row for row in left if row[0] not in reasons]
     return Coverage(
         names=list(covered),
         covered=sum(covered.values()),
         matrix_weights=sum(t.numel() for t in matrices.values()),
         parameters=sum(p.numel() for p in model.parameters()),
         left_out=left[:5],
+        untrained=sum(matrices[n].numel() for n in untrained),
     )
 
 

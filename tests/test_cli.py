@@ -51,3 +51,16 @@ def test_unknown_key_is_refused():
         capture_output=True, text=True, cwd=ROOT,
     )
     assert out.returncode != 0 and "nope" in out.stderr
+
+
+def test_the_summary_says_what_each_written_file_is(tmp_path):
+    """A channel run's pruned_backbone.pt is as large as the plain file: the line says so instead of 'compact'."""
+    from lightning_prune.cli import file_line
+
+    pruned, plain = tmp_path / "pruned_backbone.pt", tmp_path / "backbone_state_dict.pt"
+    pruned.write_bytes(b"0" * 3000)
+    plain.write_bytes(b"0" * 3000)
+    line = file_line(str(pruned), str(plain))
+    assert "(3.0 kB, 100% of the plain file" in line and "compact" not in line
+    pruned.write_bytes(b"0" * 400)
+    assert "(0.4 kB, 13% of the plain file" in file_line(str(pruned), str(plain))

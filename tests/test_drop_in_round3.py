@@ -130,3 +130,49 @@ def test_a_saved_program_takes_any_batch_and_sequence_length_of_token_ids(tmp_pa
     program = torch.export.load(path).module()
     ids = torch.randint(0, 50, (3, 9))
     torch.testing.assert_close(program(ids), model(ids))
+
+
+class _DQNLightning(pl.LightningModule):
+    """Lightning's RL example (DQN): a policy network that the optimizer trains and a target network that it does
+    not, synced from it every ``sync_rate`` steps with ``load_state_dict``."""
+
+    def __init__(self, sync_rate: int = 5) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.target_net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.sync_rate = sync_rate
+        self.synced_at: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.flatten(1)[:, :8]
+        with torch.no_grad():
+            next_q = self.target_net(x).max(1).values
+        q = self.net(x).gather(1, y[:, None]).squeeze(1)
+        loss = F.mse_loss(q, 0.9 * next_q + y.float())
+        if self.global_step % self.sync_rate == 0:
+            self.target_net.load_state_dict(self.net.state_dict())
+            self.synced_at.append(self.global_step)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("exclude", [None, ["target_net*"]])
+def test_a_dqn_target_network_stays_out_of_the_budget_and_its_sync_works(exclude):
+    from lightning_prune import budget_count, masked_parameters
+
+    model = _DQNLightning()
+    callback = BudgetCallback(sparsity=0.9, exclude=exclude)
+    quiet_trainer(max_epochs=3, callbacks=[callback]).fit(model, _images())
+    masked = [p.name for p in masked_parameters(model)]
+    assert masked == ["net.0.weight", "net.2.weight"]  # the target network is left dense
+    if exclude is None:
+        assert "2 tensors" in callback.report.coverage and "no optimizer trains it" in callback.report.coverage
+    kept = sum(int(p.mask.kept.sum()) for p in masked_parameters(model))
+    assert kept == budget_count(8 * 32 + 32 * 2, 0.9)  # exact over the policy network alone
+    assert model.synced_at and model.synced_at[0] == 0
+    model.target_net.load_state_dict(model.net.state_dict())  # the example's sync, after the cut too
+    for i in (0, 2):
+        torch.testing.assert_close(model.target_net[i].weight, model.net[i].weight, rtol=0, atol=0)
