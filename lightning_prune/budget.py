@@ -61,6 +61,20 @@ def budget_count(total: int, sparsity: float) -> int:
     return int(kept.to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
+def rounded_budget(total: int, sparsity: float, round_to: int = 1) -> int:
+    """The budget in units of ``round_to`` channels: :func:`budget_count` rounded to the nearest multiple (half to
+    even), at least one unit.
+
+    Example:
+        >>> rounded_budget(384, 0.63), rounded_budget(384, 0.63, round_to=8), rounded_budget(384, 0.63, round_to=16)
+        (142, 144, 144)
+    """
+    kept = budget_count(total, sparsity)
+    if round_to <= 1:
+        return kept
+    return min(total, round_to * max(1, round(kept / round_to)))
+
+
 def layer_floor(numel: int, min_layer_keep: float) -> int:
     """Weights a tensor keeps at least: ``ceil(min_layer_keep·numel)``, and at least one when the floor is > 0."""
     if min_layer_keep <= 0:

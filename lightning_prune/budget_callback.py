@@ -20,10 +20,10 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune.batchnorm_gate import clear_removed_channels, is_channel_mask
 from lightning_prune.budget import (
     BudgetMode,
-    budget_count,
     check_sparsity,
     hard_kept_counts,
     layer_floor,
+    rounded_budget,
     soft_kept_counts,
 )
 from lightning_prune.budget_controller import BudgetController
@@ -93,6 +93,9 @@ class BudgetCallback(Callback):
         residual_streams: with ``structure="channels"``, also remove channels of residual streams (a channel goes
             from every layer that adds into it). Off by default: on ResNet18 at half the MACs, keeping the streams
             whole loses less accuracy; beyond about 55% of the MACs removed a ResNet needs them (docs/channels.md).
+        round_to: with ``structure="channels"``, each layer keeps a multiple of this many channels (8 or 16: the
+            widths the convolution kernels compute in; an odd width runs about as slowly as the next multiple), and
+            the budget is exact in those units (:func:`~lightning_prune.budget.rounded_budget`).
         recompute_masked_weights: compute each masked weight again in the backward pass instead of keeping it from
             the forward pass (:mod:`~lightning_prune.weight_recompute`): one weight-sized tensor less per layer
             during a step, one more pass over the weights.
@@ -120,6 +123,7 @@ class BudgetCallback(Callback):
         structure: Structure = "weights",
         residual_streams: bool = False,
         recompute_masked_weights: bool = False,
+        round_to: int = 1,
     ) -> None:
         super().__init__()
         check_sparsity(sparsity)
@@ -133,6 +137,10 @@ class BudgetCallback(Callback):
         _check(isinstance(residual_streams, bool), f"residual_streams takes True or False, got {residual_streams!r}.")
         _check(not residual_streams or structure == "channels",
                "residual_streams=True removes channels of residual streams: it needs structure='channels'.")
+        _check(isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1,
+               f"round_to takes a whole number of channels >= 1 (8 or 16), got {round_to!r}.")
+        _check(round_to == 1 or (structure == "channels" and mode == "global"),
+               f"round_to={round_to} rounds channel counts: it needs structure='channels' and mode='global'.")
         _check(
             0 < target_end <= 1 and loop.target_start <= target_end,
             f"target_end is the share of training at which the target reaches the budget, in (0, 1] and >= "
@@ -160,6 +168,7 @@ class BudgetCallback(Callback):
         self.loop = loop
         self.structure = structure
         self.residual_streams = residual_streams
+        self.round_to = round_to
         self.recompute_masked_weights = recompute_masked_weights
         self._recompute_handles: list[RemovableHandle] = []
         self.budget_loop = BudgetLoop(loop, mode, self.min_layer_keep, self.keep)
@@ -202,10 +211,14 @@ class BudgetCallback(Callback):
             chosen = {name: owner for name, owner in chosen.items() if name not in untrained}
             sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
         floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
-        if floors > budget_count(sum(sizes), self.sparsity):
+        if self.round_to > 1:
+            floors = sum(min(n, self.round_to * max(1, math.ceil(layer_floor(n, self.min_layer_keep) / self.round_to)))
+                         for n in sizes)
+        allowed = rounded_budget(sum(sizes), self.sparsity, self.round_to)
+        if floors > allowed:
             raise ValueError(
-                f"BudgetCallback: min_layer_keep={self.min_layer_keep} keeps {floors} weights but sparsity="
-                f"{self.sparsity} allows {budget_count(sum(sizes), self.sparsity)} of {sum(sizes)}: lower "
+                f"BudgetCallback: min_layer_keep={self.min_layer_keep} (round_to={self.round_to}) keeps {floors} "
+                f"{self.structure} but sparsity={self.sparsity} allows {allowed} of {sum(sizes)}: lower "
                 "min_layer_keep or the sparsity."
             )
         if self.total_steps is None:
@@ -264,9 +277,8 @@ class BudgetCallback(Callback):
                 self._measure_from = (trainer.global_step, 0)
         hard = [bool(p.mask.hard) for p in self._params]
         self.finalized = all(hard)
-        if self.finalized and sum(int(p.mask.kept.sum()) for p in self._params) != budget_count(
-            sum(p.numel for p in self._params), self.sparsity
-        ):
+        budget = rounded_budget(sum(p.numel for p in self._params), self.sparsity, self.round_to)
+        if self.finalized and abs(sum(int(p.mask.kept.sum()) for p in self._params) - budget) >= self.round_to:
             self._reopen(pl_module)
         self.budget_loop.set_ramp((self.target_end - self.loop.target_start) * self._total)
         self._apply_schedules(trainer.global_step)
@@ -371,7 +383,7 @@ class BudgetCallback(Callback):
         params = masked_parameters(pl_module)
         if not self.loop.finalize_on_fit_end or not params or all(bool(p.mask.hard) for p in params):
             return
-        result = finalize(params, self.sparsity, self.min_layer_keep, self.mode)
+        result = finalize(params, self.sparsity, self.min_layer_keep, self.mode, self.round_to)
         rank_zero_warn(
             f"BudgetCallback: the weights under {trainer.state.fn.value} come from before the cut (a checkpoint such "
             f"as ckpt_path='best' saved with soft masks). They were hardened now to the budget ({result.kept}/"
@@ -453,7 +465,7 @@ class BudgetCallback(Callback):
         if batchnorm and self.measure_cut:  # "before" describes the network as it trains, with its own statistics
             recalibrate_batchnorm(trainer, pl_module, self.loop.recalibration_batches)
         before = validation_metrics(trainer, pl_module) if self.measure_cut else {}
-        result = finalize(self._params, self.sparsity, self.min_layer_keep, self.mode)
+        result = finalize(self._params, self.sparsity, self.min_layer_keep, self.mode, self.round_to)
         self.finalized = True
         after = validation_metrics(trainer, pl_module) if self.measure_cut else {}
         recalibrated = {}

@@ -28,6 +28,7 @@ from lightning_prune import (
 )
 from lightning_prune.backbones import VGG19, ResNet18
 from lightning_prune.batchnorm_gate import followers
+from lightning_prune.budget import rounded_budget
 from lightning_prune.channel_groups import ChannelGroups, channel_groups, reparametrize_channels
 from lightning_prune.channel_removal import layer_shapes, macs_and_parameters
 from lightning_prune.checkpoint_format import reparametrized_state_dict, to_plain_checkpoint
@@ -499,3 +500,33 @@ def test_pruning_a_cut_network_on_to_another_budget_starts_from_its_plain_checkp
     for key in ("stem.1.bias", "block.4.weight", "block.4.bias", "stem.1.parametrizations.weight.original"):
         assert torch.equal(reopened.state[key][~kept], torch.zeros_like(reopened.state[key][~kept])), key
         assert (reopened.state[key][kept] != 0).all(), key
+
+
+def test_round_to_keeps_channel_counts_in_multiples_and_the_budget_exact_in_those_units():
+    torch.manual_seed(0)
+    model = BatchNormClassifier()  # BatchNorm widths 16, 32 and 64
+    callback = BudgetCallback(sparsity=0.63, structure="channels", round_to=8)
+    _fit(model, callback)
+    kept = {p.name: int(p.mask.kept.sum()) for p in masked_parameters(model)}
+    assert all(k % 8 == 0 and k >= 8 for k in kept.values()), kept
+    assert sum(kept.values()) == rounded_budget(112, 0.63, 8) == 40  # 41.44 channels: 5 units of 8
+    small = remove_channels(model, torch.randn(2, 1, 16, 16))
+    assert [m.num_features for m in small.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == list(
+        kept.values())
+
+
+def test_round_to_ranks_units_by_their_weakest_channel():
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.BatchNorm1d(8))
+    reparametrize_channels(model, ["0", "1"])
+    with torch.no_grad():  # layer 0: four strong channels and four weak; layer 1: eight middling ones
+        model[0].parametrizations.weight.original.copy_(torch.tensor([9.0, 9, 9, 9, 0.1, 0.1, 0.1, 0.1]))
+        model[1].parametrizations.weight.original.copy_(torch.full((8,), 1.0))
+    result = finalize(model, sparsity=0.25, round_to=4)  # 12 channels: one unit each, then layer 1's second unit
+    assert result.per_layer == {"0.weight": (4, 8), "1.weight": (8, 8)}
+
+
+def test_round_to_is_refused_without_the_channel_budget():
+    with pytest.raises(ValueError, match="round_to=8 rounds channel counts: it needs structure='channels'"):
+        BudgetCallback(round_to=8)
+    with pytest.raises(ValueError, match="round_to takes a whole number of channels"):
+        BudgetCallback(structure="channels", round_to=0)
