@@ -273,6 +273,11 @@ class BudgetCallback(Callback):
             self._total = self.total_steps
         elif self._total is None:
             self._total = planned_steps(trainer)
+            swa = _averaging(trainer)
+            ran = getattr(swa, "_max_epochs", None)  # set (and max_epochs raised) by its on_fit_start
+            if swa is not None and ran and trainer.max_epochs == ran + 1:
+                # it added its BatchNorm epoch (listed before this callback): plan over the epochs that train
+                self._total = round(self._total * ran / trainer.max_epochs)
             if not pl_module.automatic_optimization:
                 self._measure_from = (trainer.global_step, 0)
         hard = [bool(p.mask.hard) for p in self._params]
@@ -305,7 +310,8 @@ class BudgetCallback(Callback):
             self._finite.loss(trainer, loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if not self.finalized:
+        # not in StochasticWeightAveraging's BatchNorm epoch, which runs its average without gradients
+        if not self.finalized and not getattr(trainer.fit_loop, "_skip_backward", False):
             self.budget_loop.step(optimizer, trainer.global_step, self.target_keep)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
@@ -321,7 +327,8 @@ class BudgetCallback(Callback):
         if logs:
             self._log_state(pl_module)
         if self.loop.finalize_on_fit_end and self._total is not None and trainer.global_step >= self._total:
-            self._finalize(trainer, pl_module)
+            if _averaging(trainer) is None:  # with StochasticWeightAveraging the cut waits for its average
+                self._finalize(trainer, pl_module)
 
     def _measure_steps_per_batch(self, trainer: pl.Trainer) -> None:
         start_step, batches = self._measure_from
@@ -347,7 +354,8 @@ class BudgetCallback(Callback):
             self._finite.read(trainer, self._params)  # nothing non-finite is cut, or saved as the last checkpoint
         if not self.loop.finalize_on_fit_end:
             return
-        if not self.finalized:  # fit stopped before the planned last step (EarlyStopping, max_time, should_stop)
+        if not self.finalized:  # SWA's average, or a fit stopped early (EarlyStopping, max_time, should_stop)
+            _take_average(trainer, pl_module)
             self._finalize(trainer, pl_module)
         # Lightning rewrites `last.ckpt` only in the steps where it saves a top-k checkpoint: with a `monitor` that
         # stopped improving, `last` would hold an earlier, soft-masked network. Rewrite it with the finalised one.
@@ -518,6 +526,21 @@ def _check(condition: bool, message: str) -> None:
 def _check_choice(name: str, value: str, choices: Any) -> None:
     allowed = choices.__args__
     _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def _averaging(trainer: pl.Trainer) -> StochasticWeightAveraging | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, StochasticWeightAveraging)), None)
+
+
+def _take_average(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Put StochasticWeightAveraging's average into the module before the cut, where its own ``on_train_end`` will
+    (so the cut acts on the network the fit ends with, whichever of the two callbacks comes first; its transfer after
+    this one copies the same weights). With BatchNorm it did so at the start of its extra epoch already."""
+    swa = _averaging(trainer)
+    if swa is None or swa._average_model is None or swa._model_contains_batch_norm:
+        return
+    if trainer.current_epoch - 1 == swa.swa_end or getattr(swa, "_max_epochs", None) == -1:
+        swa.transfer_weights(swa._average_model, pl_module)
 
 
 #: Why a weight that no optimizer trains is left out of the budget (a DQN's target network, a teacher, an EMA copy).

@@ -334,17 +334,42 @@ def test_layers_built_in_configure_model_are_covered():
 
 
 # ------------------------------------------------------------------ other callbacks, a second budget
-@pytest.mark.parametrize("swa_first", [True, False])
-def test_stochastic_weight_averaging_in_either_order(swa_first):
+def _swa_fit(swa_first: bool, batchnorm: bool):
+    from test_channels import BatchNormClassifier
+
     torch.manual_seed(0)
-    model = PlainClassifier()
-    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    model = BatchNormClassifier() if batchnorm else PlainClassifier()
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=0.5)
     budget = BudgetCallback(sparsity=0.9)
-    trainer = quiet_trainer(max_epochs=3, limit_train_batches=4, callbacks=[swa, budget] if swa_first else [budget, swa])
-    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
-    kept, total = _kept(model)
-    assert kept == budget_count(total, 0.9)
-    assert all(bool(p.mask.hard) for p in masked_parameters(model))
+    average = {}
+
+    class AverageAtEnd(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            average["theta"] = [p.detach().clone() for p in swa._average_model.parameters()]
+
+    callbacks = [swa, budget] if swa_first else [budget, swa]
+    dm = DigitsDataModule(image_size=16, batch_size=32)
+    quiet_trainer(max_epochs=4, limit_train_batches=6, callbacks=[*callbacks, AverageAtEnd()]).fit(model, dm)
+    return model, budget, average["theta"], dm
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_stochastic_weight_averaging_in_either_order_ends_with_its_average_cut_to_the_budget(batchnorm):
+    """The cut acts on SWA's average (not on the last step's weights), in either order, and the report's last figure
+    is the network the fit ends with."""
+    runs = [_swa_fit(swa_first, batchnorm) for swa_first in (True, False)]
+    for model, budget, theta, dm in runs:
+        assert all(torch.equal(a, b) for a, b in zip(theta, model.parameters()))  # the average's latents
+        kept, total = _kept(model)
+        assert kept == budget_count(total, 0.9) and all(bool(p.mask.hard) for p in masked_parameters(model))
+        reported = (budget.report.val_after_recalibration or budget.report.val_after_cut)["val_acc"]
+        dm.setup("fit")
+        model.eval()
+        with torch.no_grad():
+            hits = [(model(x).argmax(1) == y).float() for x, y in dm.val_dataloader()]
+        assert reported == pytest.approx(float(torch.cat(hits).mean()), abs=1e-6)
+    (first, *_), (second, *_) = runs
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
 def test_a_second_callback_with_a_higher_sparsity_prunes_on_to_its_budget():
