@@ -392,3 +392,24 @@ def test_channel_accuracy_scratch_needs_the_channel_run_first():
     with pytest.raises(SystemExit, match="list channels before it"):
         channel.main(["--threads", "1", "--seeds", "0", "--epochs", "1", "--width", "8", "--hidden", "16",
                       "--sparsities", "0.5", "--methods", "scratch"])
+
+
+def test_cifar10_full_appends_a_row_per_run_and_skips_the_rows_it_has(tmp_path, monkeypatch):
+    """The full-CIFAR protocol's driver on fake files: the config's recipe with the row's method, a row appended when
+    its run ends, and a second call that finds the rows and trains nothing."""
+    from dataset_fixtures import write_cifar10
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cifar10_full.py"])
+    write_cifar10(tmp_path / "data", rows_per_batch=20)
+    full = _load("cifar10_full")
+    out = tmp_path / "rows.jsonl"
+    args = ["--methods", "dense", "budget", "gmp", "--sparsities", "0.9", "--epochs", "1", "--data-dir",
+            str(tmp_path / "data"), "--out", str(out)]
+    rows = full.main(args)
+    assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("budget", 0.9), ("gmp", 0.9)]
+    dense, budget, gmp = rows
+    assert dense["zeros"] < 0.01 and budget["zeros"] >= 0.9 and gmp["zeros"] >= 0.9
+    assert 0.0 < budget["in_use_before_cut"] <= 1.0 and budget["epochs"] == 1
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["dense", "budget", "gmp"]
+    assert full.main(args) == []  # all three rows are there: nothing runs again

@@ -54,7 +54,31 @@ def config(name: str) -> str:
 def test_one_config_per_experiment():
     found = {p.stem for pattern in ("cifar10_*.yaml", "tinyimagenet_*.yaml") for p in (REPO / "configs").glob(pattern)}
     assert found == set(EXPERIMENTS) | {"cifar10_conv4_cpu", "cifar10_vgg19_channels_cpu",
-                                        "cifar10_resnet18_channels_cpu"}
+                                        "cifar10_resnet18_channels_cpu", "cifar10_full_resnet18_cpu",
+                                        "cifar10_full_vgg19_cpu"}
+
+
+@pytest.mark.parametrize("name, backbone, width", [("cifar10_full_resnet18_cpu", "ResNet18", 16),
+                                                   ("cifar10_full_vgg19_cpu", "VGG19", 16)])
+def test_the_full_cifar10_protocol_configs(name, backbone, width, tmp_path, monkeypatch):
+    """The README's results protocol: the whole training set (no validation held out), crop and flip, SGD lr 0.1 with
+    Nesterov momentum 0.9 and weight decay 5e-4, cosine over the run's 30 epochs, batch 128; the paper's networks at
+    a quarter of their width."""
+    monkeypatch.chdir(tmp_path)
+    cli = PruneCLI(args=["--config", config(name)], run=False)
+    model, data = cli.model, cli.datamodule
+    assert type(model.backbone).__name__ == backbone
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.out_channels == width
+    optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    group = optimizer.param_groups[0]
+    assert (type(optimizer).__name__, group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (
+        "SGD", 0.1, 0.9, True, 5e-4)
+    assert model.lr_scheduler_factory(optimizer).T_max == cli.trainer.max_epochs == 30
+    assert (data.batch_size, data.val_size, data.augment, data.crop_padding) == (128, 0, True, 4)
+    assert data.data_dir == "data/cifar10-full"
+    [budget] = [cb for cb in cli.trainer.callbacks if isinstance(cb, BudgetCallback)]
+    assert budget.sparsity == 0.9 and budget.structure == "weights"
 
 
 @pytest.mark.parametrize("name, sparsity", [("quickstart_channels", 0.5), ("cifar10_vgg19_channels_cpu", 0.5),
