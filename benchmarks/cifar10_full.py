@@ -62,7 +62,7 @@ def existing_rows(path: str) -> list[dict[str, Any]]:
 
 def row_key(row: dict[str, Any]) -> tuple:
     return (row["network"], row["method"], round(float(row["sparsity"]), 4), int(row["seed"]), row["epochs"],
-            row.get("limit_train_batches", 1.0))
+            row.get("limit_train_batches", 1.0), row.get("limit_test_batches", 1.0))
 
 
 def commit() -> str:
@@ -105,6 +105,7 @@ def run_one(a: argparse.Namespace, method: str, sparsity: float, seed: int) -> d
     args = cli_args(a, seed, log_name)
     if method == "budget":  # the config's BudgetCallback (the last callback) at the row's sparsity
         args += ["--trainer.callbacks.init_args.sparsity", str(sparsity)]
+    code = commit()  # the code that runs, read before it runs
     cli = PruneCLI(args=args, run=False)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     budget = next(cb for cb in trainer.callbacks if isinstance(cb, BudgetCallback))
@@ -119,8 +120,9 @@ def run_one(a: argparse.Namespace, method: str, sparsity: float, seed: int) -> d
     row: dict[str, Any] = {
         "network": a.network, "method": method, "sparsity": sparsity, "seed": seed,
         "epochs": trainer.max_epochs, "limit_train_batches": a.limit_train_batches,
+        "limit_test_batches": a.limit_test_batches,
         "test_acc": round(float(test["test/acc"]), 4), "zeros": round(zeros_share(model.backbone), 4),
-        "fit_seconds": round(seconds), "threads": torch.get_num_threads(), "commit": commit(),
+        "fit_seconds": round(seconds), "threads": torch.get_num_threads(), "commit": code,
     }
     if method == "budget":
         row["in_use_before_cut"] = round(budget.report.kept_hard_before, 4)
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             for sparsity in ([0.0] if method == "dense" else a.sparsities):
                 probe = {"network": a.network, "method": method, "sparsity": sparsity, "seed": seed,
                          "epochs": a.epochs if a.epochs is not None else epochs_in_config(a.network),
-                         "limit_train_batches": a.limit_train_batches}
+                         "limit_train_batches": a.limit_train_batches, "limit_test_batches": a.limit_test_batches}
                 if row_key(probe) in done:
                     print(f"skip (in {a.out}): {probe}", flush=True)
                     continue

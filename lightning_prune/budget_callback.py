@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -227,8 +228,8 @@ class BudgetCallback(Callback):
         if self.structure == "channels":
             reparametrize_channels(pl_module, list(groups.removable), joined=groups.joined, **temperatures)
         else:
-            reparametrize(pl_module, self.include, [*(self.exclude or []), *untrained], self.embeddings,
-                          **temperatures)
+            exclude = [*(self.exclude or []), *("re:" + re.escape(name) for name in untrained)]
+            reparametrize(pl_module, self.include, exclude, self.embeddings, **temperatures)
             accept_masked_twins(pl_module, prunable_parameters(pl_module, embeddings=self.embeddings))
         _note_renamed_weights(pl_module)
         self._attach_state(pl_module)
@@ -275,7 +276,8 @@ class BudgetCallback(Callback):
             self._total = planned_steps(trainer)
             swa = _averaging(trainer)
             ran = getattr(swa, "_max_epochs", None)  # set (and max_epochs raised) by its on_fit_start
-            if swa is not None and ran and trainer.max_epochs == ran + 1:
+            capped = trainer.max_steps > 0 and self._total == trainer.max_steps
+            if swa is not None and ran and trainer.max_epochs == ran + 1 and not capped:
                 # it added its BatchNorm epoch (listed before this callback): plan over the epochs that train
                 self._total = round(self._total * ran / trainer.max_epochs)
             if not pl_module.automatic_optimization:
@@ -533,13 +535,16 @@ def _averaging(trainer: pl.Trainer) -> StochasticWeightAveraging | None:
 
 
 def _take_average(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Put StochasticWeightAveraging's average into the module before the cut, where its own ``on_train_end`` will
+    """Put StochasticWeightAveraging's average into the module before the cut, when its own ``on_train_end`` will
     (so the cut acts on the network the fit ends with, whichever of the two callbacks comes first; its transfer after
-    this one copies the same weights). With BatchNorm it did so at the start of its extra epoch already."""
+    this one copies the same weights). Its rule: not after its BatchNorm epoch (it did so at that epoch's start)."""
     swa = _averaging(trainer)
-    if swa is None or swa._average_model is None or swa._model_contains_batch_norm:
+    if swa is None or swa._average_model is None:
         return
-    if trainer.current_epoch - 1 == swa.swa_end or getattr(swa, "_max_epochs", None) == -1:
+    max_epochs, epoch = getattr(swa, "_max_epochs", None), trainer.current_epoch - 1
+    if swa._model_contains_batch_norm and max_epochs != -1 and epoch == swa.swa_end + 1:
+        return
+    if epoch == swa.swa_end or max_epochs == -1:
         swa.transfer_weights(swa._average_model, pl_module)
 
 

@@ -14,7 +14,7 @@ class BudgetController:
     optimizer step in the same units: λ > 0 shrinks the weights, λ < 0 grows them.
 
     The loop engages when the kept share first reaches the target, or when the target falls to the share the network
-    had at the loop's first step, whichever comes first (before that λ = 0: the target is still above the share the
+    had at the loop's first step or reaches the budget, whichever comes first (before that λ = 0: the target is still above the share the
     network starts with, and growing every weight toward it would undo the network's own choice). From then on it
     holds the share at the target from both sides, so that the cut at the end of fit neither removes weights the
     network uses nor adds weights it never trained with. The second condition matters where the weights fall under
@@ -57,18 +57,23 @@ class BudgetController:
         self.gain = 2.0 / response_steps
         self.integral_gain = 1.0 / response_steps**2
 
-    def update(self, gap: Tensor, share: Tensor | None = None, target_keep: float | None = None) -> Tensor:
-        """Take the gap of this step; return λ (same shape as ``gap``). ``share`` (the share in use, same shape) and
-        ``target_keep``: the loop also engages once the target is at or under the share of its first step."""
+    def update(self, gap: Tensor, share: Tensor | None = None, target_keep: float | None = None,
+               final_keep: float | None = None) -> Tensor:
+        """Take the gap of this step; return λ (same shape as ``gap``). ``share``: the share in use, recorded at the
+        first step (pass it while :attr:`start_share` is None); the loop also engages once ``target_keep`` is at or
+        under that share, or at ``final_keep`` (the budget: the target has reached it)."""
         if self.integral is None or self.integral.shape != gap.shape:
             self.integral, self.engaged = torch.zeros_like(gap), torch.zeros_like(gap, dtype=torch.bool)
         self.integral, self.engaged = self.integral.to(gap.device), self.engaged.to(gap.device)
         self.engaged |= gap > 0  # no tensor read back to the host: no device synchronisation
-        if share is not None and target_keep is not None:
-            if self.start_share is None or self.start_share.shape != share.shape:
-                self.start_share = share.detach().clone()
-            self.start_share = self.start_share.to(gap.device)
-            self.engaged |= self.start_share >= target_keep
+        if share is not None and (self.start_share is None or self.start_share.shape != share.shape):
+            self.start_share = share.detach().clone()
+        if target_keep is not None:
+            if self.start_share is not None:
+                self.start_share = self.start_share.to(gap.device)
+                self.engaged |= self.start_share >= target_keep
+            if final_keep is not None and target_keep <= final_keep:
+                self.engaged |= True
         self.integral = torch.where(self.engaged, self.integral + self.integral_gain * gap, 0.0)
         self.integral = self.integral.clamp(-self.max_step, self.max_step)
         step = (self.integral + self.gain * gap).clamp(-self.max_step, self.max_step)

@@ -158,7 +158,8 @@ class BudgetLoop:
             exempt=s.exempt_share * self.keep, indices=indices,
         )
         self._shares = sample.shares
-        self.latest_lambda = self.controller.update(sample.gap, self._share_in_use(sample.shares), target_keep)
+        first = self._share_in_use(sample.shares) if self.controller.start_share is None else None
+        self.latest_lambda = self.controller.update(sample.gap, first, target_keep, self.keep)
         lam = self.latest_lambda
         if self._unit is None:
             rates = lam.expand(len(params))

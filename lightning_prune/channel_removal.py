@@ -125,9 +125,10 @@ def _dynamic_dims(x: Any) -> dict[int, Any] | None:
     """The dimensions of ``x`` the saved program leaves free: the batch, and a token input's sequence length."""
     if not isinstance(x, Tensor) or x.ndim == 0:
         return None
-    dims = {0: torch.export.Dim.AUTO}
+    free = getattr(torch.export.Dim, "AUTO", None)  # torch >= 2.5: export decides; before: named dimensions
+    dims = {0: free or torch.export.Dim("batch")}
     if x.ndim == 2 and not x.is_floating_point() and x.shape[1] > 1:
-        dims[1] = torch.export.Dim.AUTO
+        dims[1] = free or torch.export.Dim("sequence")
     return dims
 
 

@@ -189,7 +189,7 @@ class MaskedTwinLoader:
         buffers = {key: state_dict.pop(latent + "0." + key) for key in (*MASK_BUFFERS, "joined")
                    if latent + "0." + key in state_dict}
         mask = MagnitudeMask(theta.shape, scale=1.0).to(theta.device)
-        mask.load_state_dict({key: buffers[key] for key in MASK_BUFFERS})
+        mask.load_state_dict({**mask.state_dict(), **{k: v for k, v in buffers.items() if k in MASK_BUFFERS}})
         mask.set_temperature(float(mask.temperature))
         state_dict[prefix + self.param_name] = mask(theta)
 

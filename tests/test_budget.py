@@ -112,6 +112,16 @@ def test_controller_engages_from_below_once_the_target_reaches_the_share_it_star
     assert float(fresh.update(below, torch.tensor([0.15]), 0.45)) == 0.0  # without it, 0.15 would be the start
 
 
+def test_controller_engages_once_the_target_reaches_the_budget_under_the_start_share():
+    """At sparsity 0.5 the target (0.5) never falls to a start share of 0.45: the loop engages when the target has
+    reached the budget, so a share that fell under it is grown back there too."""
+    controller = BudgetController(response_steps=10, max_step=1.0)
+    below = torch.tensor([-0.3])
+    assert float(controller.update(below, torch.tensor([0.45]), 0.8, final_keep=0.5)) == 0.0
+    assert float(controller.update(below, None, 0.51, final_keep=0.5)) == 0.0
+    assert float(controller.update(below, None, 0.5, final_keep=0.5)) < 0
+
+
 def test_controller_waits_for_the_target_then_holds_it_from_both_sides():
     controller = BudgetController(response_steps=10, max_step=1.0)
     assert float(controller.update(torch.tensor([-0.4]))) == 0.0  # target still above the share: no pressure

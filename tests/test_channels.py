@@ -518,11 +518,20 @@ def test_round_to_keeps_channel_counts_in_multiples_and_the_budget_exact_in_thos
 def test_round_to_ranks_units_by_their_weakest_channel():
     model = nn.Sequential(nn.BatchNorm1d(8), nn.BatchNorm1d(8))
     reparametrize_channels(model, ["0", "1"])
-    with torch.no_grad():  # layer 0: four strong channels and four weak; layer 1: eight middling ones
-        model[0].parametrizations.weight.original.copy_(torch.tensor([9.0, 9, 9, 9, 0.1, 0.1, 0.1, 0.1]))
+    with torch.no_grad():  # layer 0's second unit: three strong channels and a weak one (mean 6.8, weakest 0.1)
+        model[0].parametrizations.weight.original.copy_(torch.tensor([9.0, 9, 9, 9, 9, 9, 9, 0.1]))
         model[1].parametrizations.weight.original.copy_(torch.full((8,), 1.0))
-    result = finalize(model, sparsity=0.25, round_to=4)  # 12 channels: one unit each, then layer 1's second unit
+    result = finalize(model, sparsity=0.25, round_to=4)  # 12 channels: one unit each, then the better weakest channel
     assert result.per_layer == {"0.weight": (4, 8), "1.weight": (8, 8)}
+
+
+def test_round_to_with_a_width_that_is_not_a_multiple_keeps_its_last_unit_whole_or_not_at_all():
+    from lightning_prune.finalization import _unit_counts
+
+    scores = [torch.tensor([5.0, 5, 5, 5, 4, 4]), torch.arange(8, 0, -1).double()]  # widths 6 and 8, unit 4
+    assert _unit_counts(scores, [4, 4], 10, 4) == [6, 4]  # the floors, then layer 0's last 2 (weakest 4 against 1)
+    assert _unit_counts(scores, [4, 4], 12, 4) == [6, 4]  # then layer 1's unit of 4 does not fit in the 2 left
+    assert _unit_counts(scores, [4, 4], 14, 4) == [6, 8]
 
 
 def test_round_to_is_refused_without_the_channel_budget():
