@@ -313,7 +313,7 @@ class BudgetCallback(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # not in StochasticWeightAveraging's BatchNorm epoch, which runs its average without gradients
-        if not self.finalized and not getattr(trainer.fit_loop, "_skip_backward", False):
+        if not self.finalized and not getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False):
             self.budget_loop.step(optimizer, trainer.global_step, self.target_keep)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
