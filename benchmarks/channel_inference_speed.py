@@ -14,6 +14,8 @@ MACs removed, and the peak memory of one inference at that batch (:func:`peak_me
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/channel_inference_speed.py --threads 2 \
         --json benchmarks/results/inference_structured.json
+    # the same cut in units of 16 channels (the widths the kernels compute in)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/channel_inference_speed.py --threads 2 --round-to 16
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 
 def smaller(
-    dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int = 0, residual_streams: bool = False
+    dense: nn.Module, shape: tuple[int, ...], sparsity: float, seed: int = 0, residual_streams: bool = False,
+    round_to: int = 1,
 ) -> nn.Module:
-    """The dense network with ``sparsity`` of its removable channels taken out, chosen from random scales."""
+    """The dense network with ``sparsity`` of its removable channels taken out, chosen from random scales (each
+    layer's count a multiple of ``round_to``, as ``BudgetCallback(round_to=...)`` cuts)."""
     model = copy.deepcopy(dense)
     x = torch.randn(2, *shape)
     groups = channel_groups(model, x, residual_streams=residual_streams)
@@ -59,7 +63,7 @@ def smaller(
             bn = model.get_submodule(name)
             bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) + 0.1)
     reparametrize_channels(model, list(groups.removable), joined=groups.joined)
-    finalize(model, sparsity=sparsity)
+    finalize(model, sparsity=sparsity, round_to=round_to)
     return remove_channels(model, x).eval()
 
 
@@ -90,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-seconds", type=float, default=12.0, help="time cap per (model, sparsity, batch)")
     parser.add_argument("--residual-streams", action="store_true",
                         help="also remove channels of residual streams (BudgetCallback's residual_streams)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="each layer keeps a multiple of this many channels (BudgetCallback's round_to)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         one = torch.randn(1, *shape)
         dense_macs, dense_params = macs_and_parameters(dense, one)
         for sparsity in args.sparsities:
-            models = {"dense": dense, "structured": smaller(dense, shape, sparsity, residual_streams=args.residual_streams)}
+            models = {"dense": dense, "structured": smaller(dense, shape, sparsity, residual_streams=args.residual_streams,
+                                                            round_to=args.round_to)}
             sizes = {kind: macs_and_parameters(model, one) for kind, model in models.items()}
             for batch in args.batches:
                 torch.manual_seed(1)
@@ -113,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     macs, params = sizes[kind]
                     rows.append({
                         "model": name, "kind": kind, "channel_sparsity": sparsity, "batch": batch,
-                        "residual_streams": args.residual_streams,
+                        "residual_streams": args.residual_streams, "round_to": args.round_to,
                         "latency_ms": round(seconds[kind] * 1e3, 4),
                         "speedup": round(seconds["dense"] / seconds[kind], 3),
                         "macs": macs, "params": params,

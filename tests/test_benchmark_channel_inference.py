@@ -47,3 +47,11 @@ def test_peak_memory_counts_the_weights_and_the_largest_set_of_live_activations(
     hidden, out = 64 * 1024 * 4, 64 * 8 * 4
     peak = channel_inference_speed.peak_memory_bytes(model, x)
     assert weights + hidden <= peak <= weights + hidden + out + 4096, (peak, weights + hidden)
+
+
+def test_round_to_gives_every_layer_a_width_in_whole_units():
+    torch.manual_seed(0)
+    dense = Conv4(width=16, hidden=16, input_size=8, batch_norm=True).eval()
+    small = channel_inference_speed.smaller(dense, (3, 8, 8), 0.6, round_to=8)
+    widths = [m.num_features for m in small.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert widths and all(w % 8 == 0 for w in widths) and sum(widths) < 16 * len(widths)
