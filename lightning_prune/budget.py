@@ -75,11 +75,13 @@ def rounded_budget(total: int, sparsity: float, round_to: int = 1) -> int:
     return min(total, round_to * max(1, round(kept / round_to)))
 
 
-def layer_floor(numel: int, min_layer_keep: float) -> int:
-    """Weights a tensor keeps at least: ``ceil(min_layer_keep·numel)``, and at least one when the floor is > 0."""
-    if min_layer_keep <= 0:
-        return 0
-    return min(numel, max(1, math.ceil(min_layer_keep * numel)))
+def layer_floor(numel: int, min_layer_keep: float, round_to: int = 1) -> int:
+    """Weights a tensor keeps at least: ``ceil(min_layer_keep·numel)``, and at least one when the floor is > 0; with
+    ``round_to`` > 1, that rounded up to whole units, at least one unit (at most the tensor)."""
+    floor = 0 if min_layer_keep <= 0 else min(numel, max(1, math.ceil(min_layer_keep * numel)))
+    if round_to > 1:
+        floor = min(numel, round_to * max(1, math.ceil(floor / round_to)))
+    return floor
 
 
 @torch.no_grad()

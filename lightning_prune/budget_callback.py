@@ -211,10 +211,7 @@ class BudgetCallback(Callback):
             untrained = _untrained(trainer, pl_module, chosen)
             chosen = {name: owner for name, owner in chosen.items() if name not in untrained}
             sizes = [module.get_parameter(name).numel() for module, name in chosen.values()]
-        floors = sum(layer_floor(n, self.min_layer_keep) for n in sizes)
-        if self.round_to > 1:
-            floors = sum(min(n, self.round_to * max(1, math.ceil(layer_floor(n, self.min_layer_keep) / self.round_to)))
-                         for n in sizes)
+        floors = sum(layer_floor(n, self.min_layer_keep, self.round_to) for n in sizes)
         allowed = rounded_budget(sum(sizes), self.sparsity, self.round_to)
         if floors > allowed:
             raise ValueError(

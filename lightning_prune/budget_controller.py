@@ -66,7 +66,7 @@ class BudgetController:
             self.integral, self.engaged = torch.zeros_like(gap), torch.zeros_like(gap, dtype=torch.bool)
         self.integral, self.engaged = self.integral.to(gap.device), self.engaged.to(gap.device)
         self.engaged |= gap > 0  # no tensor read back to the host: no device synchronisation
-        if share is not None and (self.start_share is None or self.start_share.shape != share.shape):
+        if share is not None and self.start_share is None:
             self.start_share = share.detach().clone()
         if target_keep is not None:
             if self.start_share is not None:

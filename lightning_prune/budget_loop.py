@@ -126,7 +126,6 @@ class BudgetLoop:
         self.floors: list[int] = []
         self.latest_lambda: Tensor | None = None
         self._shares: Tensor | None = None
-        self._numels: Tensor | None = None
 
     def attach(self, params: list[MaskedParameter]) -> None:
         """Take the masked tensors (again, after a strategy wrapped the module or a checkpoint restored the scales)."""
@@ -134,7 +133,6 @@ class BudgetLoop:
         self._ids = {id(p.latent): i for i, p in enumerate(params)}
         self.floors = [layer_floor(p.numel, self.min_layer_keep) for p in params]
         self._unit = common_unit(params) if params and self.mode == "global" else None
-        self._numels: Tensor | None = None
 
     def set_ramp(self, ramp_steps: float) -> None:
         """The default time constant follows the ramp's length: a 16th of it, between 2 and 10 steps."""
@@ -182,12 +180,12 @@ class BudgetLoop:
             update_floor_thresholds(params, sample.shares, self.floors, self.min_layer_keep, THRESHOLD)
 
     def _share_in_use(self, shares: Tensor) -> Tensor:
-        """The share in use the gap is measured against: over all tensors (global mode), or each tensor's."""
+        """The share in use the gap is measured against: over all tensors (global mode), or each tensor's. Called
+        once, at the loop's first step."""
         if self.mode != "global":
             return shares
-        if self._numels is None or self._numels.device != shares.device:
-            self._numels = torch.tensor([float(p.numel) for p in self.params], device=shares.device)
-        return (shares * self._numels).sum().div(self._numels.sum()).reshape(1)
+        numels = torch.tensor([float(p.numel) for p in self.params], device=shares.device)
+        return (shares * numels).sum().div(numels.sum()).reshape(1)
 
     def shares_in_use(self) -> Tensor:
         """Each tensor's sampled share in use at the last step (NaN before the first)."""

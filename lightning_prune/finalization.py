@@ -72,9 +72,7 @@ def finalize(
     sizes = [layer.numel for layer in layers]
     total = sum(sizes)
     budget = rounded_budget(total, sparsity, round_to)
-    floors = [layer_floor(n, min_layer_keep) for n in sizes]
-    if round_to > 1:  # at least one unit each
-        floors = [min(n, round_to * max(1, math.ceil(f / round_to))) for n, f in zip(sizes, floors)]
+    floors = [layer_floor(n, min_layer_keep, round_to) for n in sizes]
     if sum(floors) > budget:
         raise ValueError(
             f"min_layer_keep={min_layer_keep} needs {sum(floors)} weights but the budget keeps {budget}: "
